@@ -1,0 +1,129 @@
+"""Callbacks: save adapters in PEFT's format, write sample generations, write predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from lima_lightning.data.collate import pad_for_generation
+from lima_lightning.data.tokenization import encode_prompt
+from lima_lightning.io import append_jsonl, write_dir_atomically, write_jsonl_atomically
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """Lightning's log dir (`<default_root_dir>/lightning_logs/version_N`): config, events, adapters, outputs."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def save_adapter(pl_module, target: Path) -> Path:
+    """PEFT's own format (adapter_config.json + adapter_model.safetensors) plus the tokenizer, written atomically."""
+
+    def write(tmp: Path) -> None:
+        pl_module.model.save_pretrained(tmp, safe_serialization=True)
+        pl_module.tokenizer.save_pretrained(tmp)
+
+    return write_dir_atomically(target, write)
+
+
+class SaveAdapters(Callback):
+    def __init__(self, every_epoch: bool = True) -> None:
+        """
+        Args:
+            every_epoch: Also save `adapters/epoch=E` after each epoch (`adapters/final` is always saved).
+        """
+        self.every_epoch = every_epoch
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.every_epoch and not trainer.sanity_checking:
+            save_adapter(pl_module, run_dir(trainer) / "adapters" / f"epoch={trainer.current_epoch}")
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        path = save_adapter(pl_module, run_dir(trainer) / "adapters" / "final")
+        rank_zero_info(f"adapter saved to {path}")
+
+    @rank_zero_only
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lima_lightning.module import NonFiniteLossError
+
+        # The non-finite loss was caught before the optimizer step, so the weights are still the last good ones.
+        if isinstance(exception, NonFiniteLossError) and pl_module.model is not None:
+            path = save_adapter(pl_module, run_dir(trainer) / "adapters" / "last-good")
+            rank_zero_info(f"last good adapter saved to {path}")
+
+
+class SampleGenerations(Callback):
+    def __init__(self, num_prompts: int = 4, max_new_tokens: int = 128, prompts: list[str] | None = None) -> None:
+        """
+        Args:
+            num_prompts: How many validation conversations to answer at each validation (when `prompts` is unset).
+            max_new_tokens: Generation limit for samples (kept short: this runs every validation).
+            prompts: Fixed prompts to answer instead of validation conversations.
+        """
+        self.num_prompts = num_prompts
+        self.max_new_tokens = max_new_tokens
+        self.prompts = prompts
+
+    def _conversations(self, trainer):
+        from lima_lightning.data.conversations import Conversation
+
+        if self.prompts:
+            return [Conversation((p,), where=f"samples.prompts[{i}]") for i, p in enumerate(self.prompts)]
+        return list(getattr(trainer.datamodule, "val_conversations", []))[: self.num_prompts]
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.global_rank != 0:
+            return
+        conversations = self._conversations(trainer)
+        if not conversations:
+            return
+        template = trainer.datamodule.hparams.template
+        examples = [
+            {
+                "id": i,
+                "prompt": c.turns[-1] if c.ends_on_user else c.turns[-2],
+                "input_ids": encode_prompt(c, pl_module.tokenizer, template),
+            }
+            for i, c in enumerate(conversations)
+        ]
+        batch = pad_for_generation(examples, pl_module.tokenizer.pad_token_id)
+        results = pl_module.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=self.max_new_tokens, do_sample=False)
+        rows = [
+            {
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "prompt": e["prompt"],
+                **r,
+                **({"reference": c.turns[-1]} if not c.ends_on_user else {}),
+            }
+            for e, c, r in zip(examples, conversations, results, strict=True)
+        ]
+        append_jsonl(run_dir(trainer) / "samples.jsonl", rows)
+        if isinstance(trainer.logger, TensorBoardLogger):
+            text = "\n\n".join(
+                f"**prompt:** {r['prompt']}\n\n**response** ({r['finish_reason']}, {r['new_tokens']} tokens): {r['response']}" for r in rows
+            )
+            trainer.logger.experiment.add_text("samples", text, global_step=trainer.global_step)
+
+
+class PredictionWriter(BasePredictionWriter):
+    def __init__(self, filename: str = "predictions.jsonl") -> None:
+        """
+        Args:
+            filename: Written into the run dir, one JSON line per prompt in input order.
+        """
+        super().__init__(write_interval="epoch")
+        self.filename = filename
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        if trainer.global_rank != 0:
+            return
+        rows = sorted((row for batch in predictions for row in batch), key=lambda r: r["id"])
+        path = write_jsonl_atomically(run_dir(trainer) / self.filename, rows)
+        finished = sum(r["finish_reason"] == "eos" for r in rows)
+        rank_zero_info(f"{len(rows)} predictions written to {path} ({finished} stopped at EOS)")

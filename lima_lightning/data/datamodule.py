@@ -1,0 +1,164 @@
+"""LIMADataModule: conversations -> tokenized, label-masked examples -> padded batches."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from lima_lightning.data.collate import pad_for_generation, pad_for_training
+from lima_lightning.data.conversations import Conversation
+from lima_lightning.data.sources import LIMA_HUB_ID, load_conversations
+from lima_lightning.data.templates import TemplateName
+from lima_lightning.data.tokenization import TokenizationStats, encode_prompt, prompt_turns, tokenize_for_training
+from lima_lightning.errors import UserError
+
+
+class LIMADataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        dataset: str = LIMA_HUB_ID,
+        tokenizer: str = "meta-llama/Llama-2-7b-hf",
+        template: TemplateName = "llama2-chat",
+        max_seq_length: int = 2048,
+        batch_size: int = 4,
+        val_fraction: float = 0.05,
+        seed: int = 42,
+        predict_dataset: str = LIMA_HUB_ID,
+        predict_batch_size: int = 32,
+        num_workers: int = 0,
+        synthetic_size: int = 512,
+    ) -> None:
+        """
+        Args:
+            dataset: Training conversations: `GAIR/lima` (hub, gated: set HF_TOKEN), a local
+                `.jsonl`/`.json`/`.parquet` file in LIMA format (`conversations`) or chat format
+                (`messages`), or `synthetic` (built-in tasks with exact answers; no download).
+            tokenizer: Tokenizer to use; linked to `model.base_model`, so it is never set by hand.
+            template: Chat template wrapped around each user turn.
+            max_seq_length: Longer conversations are truncated (and counted); LIMA at 2048 keeps ~93% whole.
+            batch_size: Conversations per training micro-batch (per device).
+            val_fraction: Share of `dataset` held out for validation, drawn with `seed`; 0 disables validation.
+            seed: Seed of the train/validation split.
+            predict_dataset: Prompts for `predict`: `GAIR/lima` (its 300 test prompts), `synthetic`, or a file
+                in either format; each row's prompt is the conversation up to its last user turn.
+            predict_batch_size: Prompts generated together; larger is faster until memory runs out.
+            num_workers: DataLoader worker processes (batches are cheap to build; 0 is usually fine).
+            synthetic_size: Number of conversations in the `synthetic` set.
+        """
+        super().__init__()
+        # Not merged into the logger's hparams: `seed` here (the split) and `model.seed` (sampling) differ,
+        # and the run dir's config.yaml records both anyway.
+        self.save_hyperparameters(logger=False)
+        problems = []
+        if max_seq_length < 16:
+            problems.append(f"data.max_seq_length={max_seq_length}: must be at least 16")
+        if batch_size < 1 or predict_batch_size < 1:
+            problems.append(f"data.batch_size={batch_size}, data.predict_batch_size={predict_batch_size}: must be >= 1")
+        if not 0.0 <= val_fraction < 1.0:
+            problems.append(f"data.val_fraction={val_fraction}: must be in [0, 1), e.g. 0.05")
+        if problems:
+            raise UserError("; ".join(problems))
+        self.tokenizer = None
+        self.train_dataset: list[dict] | None = None
+        self.val_dataset: list[dict] | None = None
+        self.predict_dataset: list[dict] | None = None
+        self.val_conversations: list[Conversation] = []
+        self.stats: dict[str, TokenizationStats] = {}
+
+    def setup(self, stage: str) -> None:
+        from lima_lightning.models.loading import load_tokenizer
+
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        if stage in ("fit", "validate", "test") and self.train_dataset is None:
+            self._setup_training()
+        if stage == "predict" and self.predict_dataset is None:
+            self._setup_predict()
+
+    def _setup_training(self) -> None:
+        hp = self.hparams
+        conversations = load_conversations(hp.dataset, "train", "data.dataset", hp.synthetic_size)
+        train, val = split_conversations(conversations, hp.val_fraction, hp.seed)
+        self.val_conversations = val
+        self.train_dataset, self.stats["train"] = tokenize_for_training(train, self.tokenizer, hp.template, hp.max_seq_length)
+        self.val_dataset, self.stats["val"] = tokenize_for_training(val, self.tokenizer, hp.template, hp.max_seq_length)
+        if not self.train_dataset:
+            raise UserError(
+                f"data.dataset={hp.dataset}: every one of {len(train)} training conversations was dropped "
+                f"(no assistant token left within data.max_seq_length={hp.max_seq_length}); raise max_seq_length"
+            )
+        for split, stats in self.stats.items():
+            rank_zero_info(
+                f"{split}: {stats.examples} examples from {stats.conversations} conversations, "
+                f"{stats.truncated} truncated to {hp.max_seq_length} tokens, {stats.dropped_no_target} dropped "
+                f"(no assistant token left), {stats.trailing_user_turns} trailing user turns dropped, "
+                f"{stats.trained_tokens}/{stats.tokens} tokens trained"
+            )
+
+    def _setup_predict(self) -> None:
+        hp = self.hparams
+        conversations = load_conversations(hp.predict_dataset, "test", "data.predict_dataset", hp.synthetic_size)
+        self.predict_dataset = prompts_for_generation(conversations, self.tokenizer, hp.template)
+        too_long = sum(len(p["input_ids"]) > hp.max_seq_length for p in self.predict_dataset)
+        if too_long:
+            rank_zero_warn(f"{too_long} prompts are longer than data.max_seq_length={hp.max_seq_length}; they are kept whole")
+
+    def _loader(self, examples, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(
+            examples,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+            collate_fn=partial(pad_for_training, pad_id=self.tokenizer.pad_token_id),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_dataset, shuffle=False) if self.val_dataset else []
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        # Longest prompts first: each batch pads little, and an out-of-memory shows in the first batch.
+        longest_first = sorted(range(len(self.predict_dataset)), key=lambda i: -len(self.predict_dataset[i]["input_ids"]))
+        return DataLoader(
+            self.predict_dataset,
+            sampler=longest_first,
+            batch_size=self.hparams.predict_batch_size,
+            collate_fn=partial(pad_for_generation, pad_id=self.tokenizer.pad_token_id),
+            num_workers=self.hparams.num_workers,
+        )
+
+
+def split_conversations(conversations: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded hold-out: the same `seed` gives the same split on every machine."""
+    if val_fraction == 0 or len(conversations) < 2:
+        return list(conversations), []
+    order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(len(conversations) * val_fraction))
+    return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
+
+
+def prompts_for_generation(conversations: list[Conversation], tokenizer, template: str) -> list[dict]:
+    """One prompt per conversation, in input order (`id` is the row index)."""
+    prompts = []
+    for i, conversation in enumerate(conversations):
+        reference = None if conversation.ends_on_user else conversation.turns[-1]
+        prompts.append(
+            {
+                "id": i,
+                "prompt": prompt_turns(conversation).turns[-1],
+                "reference": reference,
+                "input_ids": encode_prompt(conversation, tokenizer, template),
+            }
+        )
+    return prompts

@@ -1,0 +1,102 @@
+"""Tokenize conversations into `input_ids` and `labels` (`-100` where no loss is taken).
+
+Each turn is tokenized as separate segments and the ids concatenated:
+
+    [BOS] prompt(user_1)  assistant_1 [EOS]  [BOS] prompt(user_2)  assistant_2 [EOS] ...
+    \\_____ untrained ___/ \\___ trained ___/  \\_____ untrained ___/ \\___ trained ___/
+
+so the boundary between what is trained and what is not falls exactly between token ids,
+and a prompt at predict time is the very same id sequence as the prefix in training
+(`encode_prompt` and `encode_conversation` share `_segments`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lima_lightning.data.conversations import Conversation
+from lima_lightning.data.templates import TEMPLATES
+
+IGNORE_INDEX = -100  # label value PyTorch's cross_entropy skips
+
+
+def _segments(conversation: Conversation, tokenizer, template: str, *, with_answers: bool):
+    """Yield (ids, trained) segments. Without answers, stops after the last user turn's prompt."""
+    render = TEMPLATES[template]
+    turns = conversation.turns
+    for i in range(0, len(turns), 2):
+        system = conversation.system if i == 0 else None
+        prompt = tokenizer(render(turns[i], system), add_special_tokens=False)["input_ids"]
+        yield [tokenizer.bos_token_id, *prompt], False
+        if i + 1 < len(turns) and with_answers:
+            answer = tokenizer(turns[i + 1].strip(), add_special_tokens=False)["input_ids"]
+            yield [*answer, tokenizer.eos_token_id], True
+
+
+def encode_conversation(conversation: Conversation, tokenizer, template: str = "llama2-chat") -> dict[str, list[int]]:
+    """Every assistant turn is trained with its full earlier context; a trailing user turn is dropped."""
+    if conversation.ends_on_user:
+        conversation = Conversation(conversation.turns[:-1], conversation.system, conversation.where)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, trained in _segments(conversation, tokenizer, template, with_answers=True):
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def prompt_turns(conversation: Conversation) -> Conversation:
+    """The conversation up to and including its last user turn: what the model is asked to answer."""
+    turns = conversation.turns if conversation.ends_on_user else conversation.turns[:-1]
+    return Conversation(turns, conversation.system, conversation.where)
+
+
+def encode_prompt(conversation: Conversation, tokenizer, template: str = "llama2-chat") -> list[int]:
+    """Ids the model receives at predict time: earlier turns in full, then the last user turn's prompt."""
+    conversation = prompt_turns(conversation)
+    input_ids: list[int] = []
+    for ids, _ in _segments(conversation, tokenizer, template, with_answers=True):
+        input_ids += ids
+    return input_ids
+
+
+@dataclass
+class TokenizationStats:
+    """What happened to a dataset on its way to training examples; logged at the start of fit."""
+
+    conversations: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped_no_target: int = 0
+    trailing_user_turns: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated_where: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, int)}
+
+
+def tokenize_for_training(
+    conversations: list[Conversation], tokenizer, template: str, max_seq_length: int
+) -> tuple[list[dict[str, list[int]]], TokenizationStats]:
+    """Encode, truncate to `max_seq_length` and drop examples left with no trained token."""
+    stats = TokenizationStats(conversations=len(conversations))
+    examples = []
+    for conversation in conversations:
+        stats.trailing_user_turns += conversation.ends_on_user
+        example = encode_conversation(conversation, tokenizer, template)
+        if len(example["input_ids"]) > max_seq_length:
+            # Cut input_ids and labels at the same index: labels stay aligned, no EOS is invented at the cut.
+            example = {k: v[:max_seq_length] for k, v in example.items()}
+            stats.truncated += 1
+            stats.truncated_where.append(conversation.where)
+        n_trained = sum(label != IGNORE_INDEX for label in example["labels"])
+        if n_trained == 0:
+            stats.dropped_no_target += 1
+            continue
+        stats.tokens += len(example["input_ids"])
+        stats.trained_tokens += n_trained
+        examples.append(example)
+    stats.examples = len(examples)
+    return examples, stats

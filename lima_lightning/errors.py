@@ -1,0 +1,5 @@
+"""The one exception type for a user's mistake: the CLI prints it as one line, no traceback."""
+
+
+class UserError(Exception):
+    """Bad input or configuration. The message names the option or file:line, the value and the fix."""

@@ -1,0 +1,1 @@
+"""Models: the built-in tiny Llama, and loading of bases, tokenizers and LoRA adapters."""

@@ -1,0 +1,135 @@
+"""Load tokenizers, base models (NF4 or bf16/fp32) and LoRA adapters, with errors a person can act on."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from lima_lightning.errors import UserError
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def resolve_base_model(name: str, need_weights: bool = True) -> str:
+    """`tiny` becomes the directory of the built-in tiny model; anything else is a hub id or a local path."""
+    if name == "tiny":
+        from lima_lightning.models.tiny import tiny_model_dir
+
+        return str(tiny_model_dir())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if need_weights and not any(path.glob("*.safetensors")):
+            raise UserError(
+                f"model.base_model={name}: the directory holds no *.safetensors weights; point it at a saved Hugging Face model"
+            )
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise UserError(
+            f"model.base_model={name}: no such directory; use a hub id such as meta-llama/Llama-2-7b-hf, a model directory, or 'tiny'"
+        )
+    return name
+
+
+def _hub_errors(option: str, name: str):
+    """Context manager turning hub failures (gated, missing, offline) into one-line UserErrors."""
+    from contextlib import contextmanager
+
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    @contextmanager
+    def guard():
+        try:
+            yield
+        except GatedRepoError:
+            raise UserError(
+                f"{option}={name}: the model is gated; accept its licence on huggingface.co/{name} and set HF_TOKEN in the environment"
+            ) from None
+        except RepositoryNotFoundError:
+            raise UserError(
+                f"{option}={name}: not found on the hub (or gated without HF_TOKEN); check the id or pass a local directory"
+            ) from None
+        except LocalEntryNotFoundError:
+            raise UserError(
+                f"{option}={name}: not in the local cache and the hub is unreachable; check the network or pass a local directory"
+            ) from None
+
+    return guard()
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The base model's tokenizer, with a pad id chosen among existing tokens (Llama-2 has none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_base_model(name, need_weights=False)
+    with _hub_errors("model.base_model", name):
+        tokenizer = AutoTokenizer.from_pretrained(path, token=os.environ.get("HF_TOKEN"), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Padding never reaches the loss (labels are -100 there) and <unk> is never generated,
+        # so reusing it keeps the vocabulary, and the embedding matrix, unchanged.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise UserError(f"model.base_model={name}: the tokenizer has no BOS/EOS token; a Llama-family tokenizer is expected")
+    return tokenizer
+
+
+def load_base_model(name: str, quantization: str, device: torch.device, trust_remote_code: bool = False):
+    """Frozen base weights on `device`: NF4 with double quantization and bf16 compute, or plain bf16 (fp32 on CPU)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = resolve_base_model(name)
+    kwargs = {}
+    if quantization == "nf4":
+        # bf16 compute, never fp16: fp16 overflows in Llama's activations (the old project's bug).
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with _hub_errors("model.base_model", name):
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            device_map={"": device},
+            token=os.environ.get("HF_TOKEN"),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            **kwargs,
+        )
+    model.config.use_cache = False  # no KV cache while training; generation turns it on per call
+    return model
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str]):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def load_adapter(model, adapter_path: str, base_name: str, trainable: bool):
+    """Attach a saved adapter, refusing one that was trained on a different base."""
+    from peft import PeftModel
+
+    path = Path(adapter_path).expanduser()
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(
+            f"model.adapter_path={adapter_path}: no adapter_config.json there; point it at an adapters/<name> directory of a run"
+        )
+    try:
+        return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")
+        raise UserError(
+            f"model.adapter_path={adapter_path}: its weights do not fit model.base_model={base_name} "
+            f"(the adapter was trained on {trained_on}); set model.base_model to the adapter's base"
+        ) from None

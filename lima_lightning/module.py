@@ -1,0 +1,253 @@
+"""LIMALoRAModule: a frozen Llama base (NF4 or bf16) with trainable LoRA adapters and the masked NLL."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import lightning as L
+import torch
+
+from lima_lightning.errors import UserError
+from lima_lightning.generation import GenerationSettings, generate
+from lima_lightning.loss import masked_nll_sum
+from lima_lightning.models.loading import LLAMA_PROJECTIONS
+
+OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite; the run stops before the optimizer applies it."""
+
+
+class LIMALoRAModule(L.LightningModule):
+    def __init__(
+        self,
+        base_model: str = "meta-llama/Llama-2-7b-hf",
+        quantization: Literal["nf4", "none"] = "nf4",
+        lora_r: int = 64,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        target_modules: list[str] = LLAMA_PROJECTIONS,
+        gradient_checkpointing: bool = True,
+        optimizer: OptimizerName = "adamw",
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        scheduler: Literal["cosine", "linear", "constant"] = "cosine",
+        adapter_path: str | None = None,
+        max_new_tokens: int = 500,
+        do_sample: bool = True,
+        temperature: float = 0.8,
+        top_p: float = 0.9,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """
+        Args:
+            base_model: Hub id (gated Llama-2 needs HF_TOKEN in the environment), a local model
+                directory, or `tiny` (a seeded tiny Llama built in code; nothing is downloaded).
+            quantization: `nf4`: 4-bit NormalFloat base with double quantization and bf16 compute
+                (QLoRA); `none`: bf16 base on GPU, fp32 on CPU (LoRA).
+            lora_r: LoRA rank; higher = more capacity and memory.
+            lora_alpha: LoRA scaling numerator; the update is scaled by lora_alpha / lora_r.
+            lora_dropout: Dropout on the LoRA branch input.
+            target_modules: Linear layers that get adapters (default: every attention and MLP projection).
+            gradient_checkpointing: Recompute activations in backward: much less memory, ~30% slower.
+            optimizer: `adamw` (torch, fused on GPU) or a bitsandbytes 8-bit / paged AdamW.
+            learning_rate: Peak learning rate after warmup.
+            weight_decay: AdamW weight decay on the LoRA weights.
+            warmup_ratio: Share of the optimizer steps spent warming the learning rate up from 0.
+            scheduler: Learning-rate decay after warmup.
+            adapter_path: A saved adapter directory to start from (fit) or generate with (predict);
+                without it, fit starts fresh adapters and predict uses the base model alone.
+            max_new_tokens: Generation limit per prompt.
+            do_sample: Sample (true) or decode greedily (false).
+            temperature: Sampling temperature.
+            top_p: Nucleus sampling threshold.
+            seed: Seed for sampling, so the same run gives the same generations.
+            trust_remote_code: Run model code shipped in the base model's repository. Off: only
+                turn it on for repositories you trust.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        problems = []
+        if lora_r <= 0:
+            problems.append(f"model.lora_r={lora_r}: must be a positive integer, e.g. 8, 16 or 64")
+        if lora_alpha <= 0:
+            problems.append(f"model.lora_alpha={lora_alpha}: must be positive")
+        if not 0.0 <= lora_dropout < 1.0:
+            problems.append(f"model.lora_dropout={lora_dropout}: must be in [0, 1)")
+        if learning_rate <= 0:
+            problems.append(f"model.learning_rate={learning_rate}: must be positive, e.g. 2e-4")
+        if not 0.0 <= warmup_ratio < 1.0:
+            problems.append(f"model.warmup_ratio={warmup_ratio}: must be in [0, 1)")
+        if max_new_tokens < 1:
+            problems.append(f"model.max_new_tokens={max_new_tokens}: must be >= 1")
+        if problems:
+            raise UserError("; ".join(problems))
+        self.generation = GenerationSettings(max_new_tokens, do_sample, temperature, top_p)
+        self.model = None
+        self.tokenizer = None
+        # Checkpoints hold only the adapter (see on_save_checkpoint); the frozen base is reloaded.
+        self.strict_loading = False
+        self._reset_step_window()
+
+    # ----------------------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from lima_lightning.models.loading import add_lora, load_adapter, load_base_model, load_tokenizer
+
+        hp = self.hparams
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        self.tokenizer = load_tokenizer(hp.base_model, hp.trust_remote_code)
+        base = load_base_model(hp.base_model, hp.quantization, device, hp.trust_remote_code)
+        if hp.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input grads, so the frozen embeddings stay frozen.
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        training = self._trainer is None or self.trainer.training or self.trainer.state.fn == "fit"
+        if hp.adapter_path:
+            self.model = load_adapter(base, hp.adapter_path, hp.base_model, trainable=training)
+        else:
+            self.model = add_lora(base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, list(hp.target_modules))
+
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise UserError(
+                f"trainer.precision={precision}: fp16 is not supported (Llama-2 activations overflow it, "
+                "and NF4 computes in bf16); use bf16-mixed on GPU or 32-true on CPU"
+            )
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    # ----------------------------------------------------------------------------- loss
+    def masked_nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of NLL over trained tokens, their count): the only place a loss is computed."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return masked_nll_sum(logits, batch["labels"])
+
+    def _reset_step_window(self) -> None:
+        self._step_nll = torch.zeros(())
+        self._step_tokens = torch.zeros((), dtype=torch.long)
+        self._step_seen_tokens = 0
+        self._step_started = time.perf_counter()
+
+    def on_train_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.logger is not None and datamodule is not None:
+            for split, stats in getattr(datamodule, "stats", {}).items():
+                self.logger.log_metrics({f"data/{split}_{k}": v for k, v in stats.as_dict().items()}, step=0)
+        self._reset_step_window()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        nll, n_trained = self.masked_nll(batch)
+        self._step_nll = self._step_nll.to(nll.device) + nll.detach()
+        self._step_tokens = self._step_tokens.to(nll.device) + n_trained
+        self._step_seen_tokens += int(batch["attention_mask"].sum())
+        # Backward runs on the *sum*; on_before_optimizer_step divides the accumulated gradient by the
+        # number of trained tokens in the whole optimizer step (all micro-batches, all devices), so every
+        # token weighs the same: a token-weighted mean, not a mean of per-batch means.
+        return nll
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        strategy = self.trainer.strategy
+        tokens = strategy.reduce(self._step_tokens.float(), reduce_op="sum")
+        nll = strategy.reduce(self._step_nll, reduce_op="sum")
+        loss = nll / tokens.clamp(min=1)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"train loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                "the update was not applied; lower model.learning_rate or check the data"
+            )
+        # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over devices.
+        scale = self.trainer.accumulate_grad_batches * strategy.world_size / tokens.clamp(min=1)
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        for p in params:
+            p.grad.mul_(scale)
+        elapsed = time.perf_counter() - self._step_started
+        metrics = {
+            "train/loss": loss,
+            "train/perplexity": torch.exp(loss),
+            "train/grad_norm": torch.nn.utils.get_total_norm([p.grad for p in params]) if params else 0.0,
+            "train/lr": optimizer.param_groups[0]["lr"],
+            "train/trained_tokens_per_sec": tokens / max(elapsed, 1e-9),
+            "train/tokens_per_sec": self._step_seen_tokens * strategy.world_size / max(elapsed, 1e-9),
+        }
+        if self.device.type == "cuda":
+            metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False, rank_zero_only=True)
+        self._reset_step_window()
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_nll = torch.zeros((), device=self.device)
+        self._val_tokens = torch.zeros((), device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        nll, n_trained = self.masked_nll(batch)
+        self._val_nll += nll
+        self._val_tokens += n_trained
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_loss("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_loss("test")
+
+    def _log_eval_loss(self, split: str) -> None:
+        nll = self.trainer.strategy.reduce(self._val_nll, reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
+        loss = nll / tokens.clamp(min=1)
+        self.log_dict({f"{split}/loss": loss, f"{split}/perplexity": torch.exp(loss)}, prog_bar=True, rank_zero_only=True)
+
+    # ----------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        hp = self.hparams
+        params = self.trainable_parameters()
+        if hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=self.device.type == "cuda")
+        else:
+            import bitsandbytes as bnb
+
+            optimizer_class = {
+                "adamw_8bit": bnb.optim.AdamW8bit,
+                "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+                "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+            }
+            optimizer = optimizer_class[hp.optimizer](params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        name = {"constant": "constant_with_warmup"}.get(hp.scheduler, hp.scheduler)
+        scheduler = get_scheduler(
+            name, optimizer, num_warmup_steps=math.ceil(hp.warmup_ratio * total_steps), num_training_steps=total_steps
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------- generation
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **overrides) -> list[dict]:
+        settings = GenerationSettings(**{**vars(self.generation), **overrides})
+        return generate(self.model, self.tokenizer, input_ids.to(self.device), attention_mask.to(self.device), settings)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        # Seeded per batch, so a batch's samples do not depend on what ran before it.
+        torch.manual_seed(self.hparams.seed + batch_idx)
+        results = self.generate(batch["input_ids"], batch["attention_mask"])
+        return [
+            {"id": i, "prompt": prompt, **result, **({"reference": ref} if ref is not None else {})}
+            for i, prompt, ref, result in zip(batch["id"], batch["prompt"], batch["reference"], results, strict=True)
+        ]

@@ -1,0 +1,107 @@
+"""fit and predict through the CLI on CPU: run dir contents, falling loss, adapters, predictions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import demo_args, run_cli
+
+
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir)).Reload()
+    return [event.value for event in events.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    cli = run_cli("fit", *demo_args(root, "--trainer.max_epochs", "2"))
+    return Path(cli.trainer.log_dir), root
+
+
+@pytest.mark.slow
+def test_fit_writes_a_complete_run_dir(demo_run):
+    run_dir, _ = demo_run
+    for name in (
+        "config.yaml",
+        "samples.jsonl",
+        "adapters/final/adapter_config.json",
+        "adapters/final/adapter_model.safetensors",
+        "adapters/final/tokenizer_config.json",
+        "adapters/epoch=0/adapter_model.safetensors",
+        "adapters/epoch=1",
+    ):
+        assert (run_dir / name).exists(), name
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    losses = scalars(run_dir, "train/loss")
+    assert len(losses) >= 10 and sum(losses[-3:]) / 3 < 0.6 * losses[0], losses
+    for tag in ("val/loss", "val/perplexity", "train/lr", "train/grad_norm", "train/trained_tokens_per_sec", "data/train_truncated"):
+        assert scalars(run_dir, tag), tag
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert {s["epoch"] for s in samples} == {0, 1} and all(s["finish_reason"] in ("eos", "length") for s in samples)
+
+
+@pytest.mark.slow
+def test_checkpoint_holds_only_trainable_weights(demo_run):
+    run_dir, _ = demo_run
+    checkpoint = torch.load(next((run_dir / "checkpoints").glob("*.ckpt")), weights_only=True)
+    assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
+
+
+@pytest.mark.slow
+def test_predict_writes_predictions_in_input_order(demo_run, tmp_path):
+    run_dir, root = demo_run
+    cli = run_cli("predict", *demo_args(root, "--model.adapter_path", str(run_dir / "adapters/final"), "--data.predict_batch_size", "7"))
+    rows = [json.loads(line) for line in (Path(cli.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(20))
+    for row in rows:
+        assert set(row) >= {"id", "prompt", "response", "finish_reason", "new_tokens"}
+        assert row["finish_reason"] in ("eos", "length") and 1 <= row["new_tokens"] <= 48
+        assert row["finish_reason"] == "eos" or row["new_tokens"] == 48
+
+
+@pytest.mark.slow
+def test_adapter_reloads_in_plain_peft_with_equal_logits(demo_run, tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir, root = demo_run
+    cli = run_cli("validate", *demo_args(root, "--model.adapter_path", str(run_dir / "adapters/final")))
+    module = cli.model.eval()
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), run_dir / "adapters/final").eval()
+    input_ids = torch.randint(3, 300, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(input_ids=input_ids).logits, plain(input_ids=input_ids).logits)
+
+
+@pytest.mark.slow
+def test_qlora_nf4_fits_and_predicts_on_cpu(tmp_path):
+    cli = run_cli("fit", *demo_args(tmp_path, "--model.quantization", "nf4", "--trainer.max_steps", "4", "--trainer.max_epochs", "1"))
+    import bitsandbytes as bnb
+
+    layer = cli.model.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    quant_state = layer.weight.quant_state
+    assert isinstance(layer, bnb.nn.Linear4bit) and quant_state.quant_type == "nf4"
+    # bitsandbytes' CPU kernels repack (and un-nest) the state at first use; `original_nested` keeps the truth.
+    assert getattr(quant_state, "original_nested", quant_state.nested)  # double quantization
+    assert layer.compute_dtype == torch.bfloat16
+    run_dir = Path(cli.trainer.log_dir)
+    assert (run_dir / "adapters/final/adapter_model.safetensors").exists()
+    assert all(torch.isfinite(torch.tensor(v)) for v in scalars(run_dir, "train/loss"))
+    cli = run_cli("predict", *demo_args(tmp_path, "--model.quantization", "nf4", "--model.adapter_path", str(run_dir / "adapters/final")))
+    assert (Path(cli.trainer.log_dir) / "predictions.jsonl").read_text().count("\n") == 20
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *demo_args(tmp_path, "--data.dataset", str(tmp_path / "missing.jsonl")))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lima-lightning: error: ") and "missing.jsonl: no such file" in err[-1]
+    assert not any("Traceback" in line for line in err)
