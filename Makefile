@@ -51,7 +51,7 @@ predict: $(BIN)/.installed ## answer the LIMA test prompts: make predict CONFIG=
 tensorboard: $(BIN)/.installed ## serve TensorBoard on the runs/ folder
 	$(BIN)/tensorboard --logdir runs
 
-bench: $(BIN)/.installed ## measure training speed against the plain transformers+PEFT loop (GPU; --smoke on CPU)
+bench: $(BIN)/.installed ## training speed/memory vs the plain loop: BENCH_ARGS="--model DIR" (GPU; see benchmarks/gpu_bench.sh) or BENCH_ARGS=--smoke (CPU)
 	$(BIN)/python benchmarks/bench_train.py $(BENCH_ARGS)
 
 lint: $(BIN)/.installed-dev ## ruff check and format check

@@ -2,14 +2,14 @@
 # On a GPU machine: fit a few steps of QLoRA and of LoRA on a Llama-2-7B-shaped random model with real
 # LIMA data and the real tokenizer, then predict with the QLoRA adapter. Expects .gpu/ holding
 # llama2-tokenizer/ and lima/ (copies of ../shared) and, where packages are missing, wheels in .whl/.
-set -euo pipefail
+set -uo pipefail  # keep going after a failed phase: one GPU call should report on all of them
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
-RUNS=/tmp/runs
+RUNS=/tmp/runs-$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft, lightning, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__, 'bitsandbytes', b.__version__)"
 MODEL=/tmp/llama2-7b-random
@@ -19,14 +19,15 @@ COMMON=(--model.base_model $MODEL --data.dataset .gpu/lima/train.jsonl --data.pr
         --trainer.default_root_dir $RUNS --samples.max_new_tokens 16 --samples.num_prompts 2)
 for method in qlora lora; do
   start=$(date +%s)
-  python3 -m lima_lightning fit --config configs/llama2-7b-$method.yaml "${COMMON[@]}" 2>&1 | grep -v -i -E "warn|tip:" | tail -8
+  python3 -m lima_lightning fit --config configs/llama2-7b-$method.yaml "${COMMON[@]}" 2>&1 | grep -v -i -E "warn|tip:" | tail -25
   echo "fit $method: $(( $(date +%s) - start )) s wall (including model load)"
 done
-QLORA_ADAPTER=$(ls -d $RUNS/lightning_logs/version_0/adapters/final)
+QLORA_ADAPTER=$(grep -l "quantization: nf4" $RUNS/lightning_logs/version_*/config.yaml | tail -1 | xargs dirname)/adapters/final
 start=$(date +%s)
 python3 -m lima_lightning predict --config configs/llama2-7b-qlora.yaml --config configs/predict.yaml "${COMMON[@]}" \
   --model.adapter_path $QLORA_ADAPTER --model.max_new_tokens 64 --trainer.limit_predict_batches 2 2>&1 | grep -v -i -E "warn|tip:" | tail -4
 echo "predict: $(( $(date +%s) - start )) s wall (including model load)"
 python3 benchmarks/summarize_run.py $RUNS/lightning_logs/version_*
-mkdir -p $OUT && cp $RUNS/lightning_logs/version_2/predictions.jsonl $OUT/ && cp $RUNS/lightning_logs/version_0/samples.jsonl $OUT/ || true
-head -c 600 $RUNS/lightning_logs/version_2/predictions.jsonl
+PREDICTIONS=$(ls -t $RUNS/lightning_logs/version_*/predictions.jsonl | head -1)
+mkdir -p $OUT && cp "$PREDICTIONS" $OUT/ && cp "$(dirname $QLORA_ADAPTER)/../samples.jsonl" $OUT/
+head -c 600 "$PREDICTIONS"

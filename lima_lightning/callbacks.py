@@ -6,27 +6,46 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lima_lightning.data.collate import pad_for_generation
 from lima_lightning.data.tokenization import encode_prompt
+from lima_lightning.distributed import gather_adapter_state, gather_rows, is_fsdp
 from lima_lightning.io import append_jsonl, write_dir_atomically, write_jsonl_atomically
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """Lightning's log dir (`<default_root_dir>/lightning_logs/version_N`): config, events, adapters, outputs."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """Lightning's log dir (`<default_root_dir>/lightning_logs/version_N`): config, events, adapters, outputs.
+
+    Read from the logger, not `trainer.log_dir`: that broadcasts from rank 0, a collective, and the callbacks
+    here call this on rank 0 alone; the other ranks would never join it (a hang under DDP).
+    """
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        return Path(logger.log_dir)
+    return Path((logger.save_dir if logger is not None else None) or trainer.default_root_dir)
 
 
-def save_adapter(pl_module, target: Path) -> Path:
-    """PEFT's own format (adapter_config.json + adapter_model.safetensors) plus the tokenizer, written atomically."""
+def save_adapter(pl_module, target: Path, state_dict: dict | None = None) -> Path:
+    """PEFT's own format (adapter_config.json + adapter_model.safetensors) plus the tokenizer, written atomically.
+
+    state_dict: the trainable weights (PeftModel names) when the model's own are sharded (FSDP); None otherwise.
+    """
 
     def write(tmp: Path) -> None:
-        pl_module.model.save_pretrained(tmp, safe_serialization=True)
+        pl_module.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         pl_module.tokenizer.save_pretrained(tmp)
 
     return write_dir_atomically(target, write)
+
+
+def save_adapter_once(trainer, pl_module, name: str) -> Path | None:
+    """Call on every rank: rank 0 writes `adapters/<name>` (under FSDP after gathering the shards from all ranks)."""
+    state_dict = gather_adapter_state(trainer, pl_module)  # a collective under FSDP, None otherwise
+    if not trainer.is_global_zero:
+        return None
+    return save_adapter(pl_module, run_dir(trainer) / "adapters" / name, state_dict)
 
 
 class SaveAdapters(Callback):
@@ -37,14 +56,13 @@ class SaveAdapters(Callback):
         """
         self.every_epoch = every_epoch
 
-    @rank_zero_only
+    # Not rank_zero_only: every rank runs these hooks, so that FSDP can gather the sharded adapter; rank 0 writes.
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.every_epoch and not trainer.sanity_checking:
-            save_adapter(pl_module, run_dir(trainer) / "adapters" / f"epoch={trainer.current_epoch}")
+            save_adapter_once(trainer, pl_module, f"epoch={trainer.current_epoch}")
 
-    @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
-        path = save_adapter(pl_module, run_dir(trainer) / "adapters" / "final")
+        path = save_adapter_once(trainer, pl_module, "final")
         rank_zero_info(f"adapter saved to {path}")
 
     @rank_zero_only
@@ -52,9 +70,12 @@ class SaveAdapters(Callback):
         from lima_lightning.module import NonFiniteLossError
 
         # The non-finite loss was caught before the optimizer step, so the weights are still the last good ones.
-        if isinstance(exception, NonFiniteLossError) and pl_module.model is not None:
+        # Not under FSDP: rank 0 holds only a shard, and gathering needs every rank, which an exception may have left.
+        if isinstance(exception, NonFiniteLossError) and pl_module.model is not None and not is_fsdp(trainer.strategy):
             path = save_adapter(pl_module, run_dir(trainer) / "adapters" / "last-good")
             rank_zero_info(f"last good adapter saved to {path}")
+            # The CLI prints the error as one line: it should say where to pick up from.
+            exception.args = (f"{exception}; the last good adapter is in {path}",)
 
 
 class SampleGenerations(Callback):
@@ -78,6 +99,14 @@ class SampleGenerations(Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.global_rank != 0:
+            return
+        if is_fsdp(trainer.strategy):
+            # Rank 0 holds a shard of the weights; generating alone would wait forever for the other ranks' shards.
+            rank_zero_warn(
+                "samples: no sample generations under FSDP; answer prompts afterwards with `lima-lightning predict` "
+                "and the saved adapter (one GPU, or --trainer.strategy=ddp)",
+                category=UserWarning,
+            )
             return
         conversations = self._conversations(trainer)
         if not conversations:
@@ -121,9 +150,17 @@ class PredictionWriter(BasePredictionWriter):
         self.filename = filename
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        if trainer.global_rank != 0:
+        # Every rank answered its share of the prompts (Lightning shards them without repeats): rank 0 gathers
+        # them all (a collective: every rank calls this) and writes the one file.
+        rows = gather_rows([row for batch in predictions for row in batch], trainer)
+        if not trainer.is_global_zero:
             return
-        rows = sorted((row for batch in predictions for row in batch), key=lambda r: r["id"])
+        unique = {}
+        for row in rows:
+            unique.setdefault(row["id"], row)
+        if len(unique) < len(rows):
+            rank_zero_warn(f"predictions: {len(rows) - len(unique)} prompts were answered twice; each is written once")
+        rows = sorted(unique.values(), key=lambda r: r["id"])
         path = write_jsonl_atomically(run_dir(trainer) / self.filename, rows)
         finished = sum(r["finish_reason"] == "eos" for r in rows)
         rank_zero_info(f"{len(rows)} predictions written to {path} ({finished} stopped at EOS)")

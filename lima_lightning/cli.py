@@ -7,16 +7,33 @@ Commands that need no Trainer (`stats`, `report`, `export`) are plain functions 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from lima_lightning.callbacks import PredictionWriter, SampleGenerations, SaveAdapters
+from lima_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, check_resume_config, load_checkpoint_file, resolve_resume
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.errors import UserError
 from lima_lightning.module import LIMALoRAModule
 
-TOOL_COMMANDS: dict[str, str] = {}
+TOOL_COMMANDS: dict[str, str] = {"stats": "lima_lightning.stats", "report": "lima_lightning.report", "export": "lima_lightning.export"}
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """A bad option is one line on stderr, like every other user mistake, not the 90-line usage first."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        # jsonargparse raises instead of exiting while it tries alternatives (exit_on_error off): keep that.
+        if not self.exit_on_error or callable(getattr(self, "_error_handler", None)):
+            return super().error(message, ex)
+        subcommand = self.prog.split()[-1] if self.prog.endswith(("fit", "validate", "test", "predict")) else ""
+        fail(UserError(f"{' '.join(message.split())} (`lima-lightning {subcommand} --help` lists the options)".replace("  ", " ")))
 
 
 class LimaCLI(LightningCLI):
@@ -27,6 +44,41 @@ class LimaCLI(LightningCLI):
         parser.add_lightning_class_args(SaveAdapters, "adapters")
         parser.add_lightning_class_args(SampleGenerations, "samples")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        # Atomic checkpoint writes and weights_only reads, unless a plugin chose another CheckpointIO.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        self._resume_in: tuple[int, int] | None = None  # (run dir version, checkpoint step) when continuing a run
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        if not config or not config.get("ckpt_path"):
+            return
+        # Before LightningCLI reads the checkpoint's model hparams into this config (which would silently replace
+        # a different base model or LoRA shape): `last` becomes a file, and the file is checked here, loaded
+        # weights-only, so a missing, truncated or code-carrying checkpoint is a one-line error.
+        root = config.trainer.get("default_root_dir") or os.getcwd()
+        config.ckpt_path, version = resolve_resume(config.ckpt_path, root)
+        if config.ckpt_path:
+            checkpoint = load_checkpoint_file(config.ckpt_path, mmap=True)
+            check_resume_config(checkpoint.get("hyper_parameters", {}), config.model, config.ckpt_path)
+            rank_zero_info(f"--ckpt_path: {config.ckpt_path} (epoch {checkpoint['epoch']}, step {checkpoint['global_step']})")
+            if version is not None and subcommand == "fit":
+                self._resume_in = (version, int(checkpoint["global_step"]))
+
+    def before_fit(self) -> None:
+        # Continue the run in its own run dir; TensorBoard drops what the killed process logged after the
+        # checkpoint (purge_step), since the resumed run logs those steps again.
+        logger = self.trainer.logger
+        if self._resume_in is not None and type(logger) is TensorBoardLogger:
+            version, step = self._resume_in
+            self.trainer.logger = TensorBoardLogger(logger.save_dir, name=logger.name, version=version, purge_step=step)
 
 
 def fail(error: UserError) -> None:
@@ -42,6 +94,7 @@ def cli_main(args: list[str] | None = None) -> LimaCLI:
             LIMALoRAModule,
             LIMADataModule,
             args=args,
+            parser_class=OneLineErrorParser,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"default_env": False},
@@ -50,8 +103,17 @@ def cli_main(args: list[str] | None = None) -> LimaCLI:
         fail(e)
 
 
+def info_to_stdout() -> None:
+    """Lightning's progress messages go to stdout, so stderr carries only warnings and errors."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
+                handler.setStream(sys.stdout)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console script `lima-lightning` (returns None, so the exit status is 0 on success)."""
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TOOL_COMMANDS:
         try:
@@ -59,4 +121,6 @@ def main(argv: list[str] | None = None) -> None:
         except UserError as e:
             fail(e)
         return
-    cli_main(argv)
+    info_to_stdout()
+    # args=None lets LightningCLI read sys.argv itself (passing both makes it warn).
+    cli_main(None if from_command_line else argv)

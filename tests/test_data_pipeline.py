@@ -92,7 +92,7 @@ def test_chat_and_lima_formats_read_alike(tmp_path):
     [
         ("{not json", "bad.jsonl:2: invalid JSON"),
         ('{"text": "hi"}', "bad.jsonl:2: row has no 'conversations' or 'messages'"),
-        ('{"conversations": ["hi", 3]}', "bad.jsonl:2: conversations[1] is a int"),
+        ('{"conversations": ["hi", 3]}', "bad.jsonl:2: conversations[1] is a number"),
         ('{"conversations": ["hi", "  "]}', "bad.jsonl:2: conversations[1] is empty"),
         ('{"messages": [{"role": "assistant", "content": "x"}]}', "bad.jsonl:2: messages[0] has role 'assistant' where 'user'"),
     ],

@@ -53,8 +53,9 @@ def _read_rows(path: Path):
     """Yield (`file:line` or `file: row i`, row) pairs."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with path.open("rb") as f:  # bytes, so a bad encoding is reported with its line number
+            for lineno, raw in enumerate(f, start=1):
+                line = _decode(raw, path, "utf-8-sig" if lineno == 1 else "utf-8", lineno)
                 if not line.strip():
                     continue
                 try:
@@ -62,28 +63,55 @@ def _read_rows(path: Path):
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}); expected one JSON object per line") from None
     elif suffix == ".json":
+        raw = path.read_bytes()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_decode(raw, path, "utf-8-sig"))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected a JSON list of rows") from None
         if not isinstance(data, list):
-            raise UserError(f"{path}: top level is a JSON {type(data).__name__}; expected a list of rows")
+            raise UserError(f"{path}: top level is {_json_type(data)}; expected a JSON list of rows")
         for i, row in enumerate(data):
             yield f"{path}: row {i}", row
     elif suffix == ".parquet":
+        with path.open("rb") as f:  # parquet starts and ends with PAR1; datasets would log its own error line first
+            head = f.read(4)
+            f.seek(max(0, path.stat().st_size - 4))
+            if head != b"PAR1" or f.read(4) != b"PAR1":
+                raise UserError(f"{path}: not a parquet file (no PAR1 header and footer); expected LIMA or chat-format rows")
         import datasets  # heavy import, only for parquet files
 
-        table = datasets.Dataset.from_parquet(str(path))
+        try:
+            table = datasets.Dataset.from_parquet(str(path))
+        except Exception as e:  # pyarrow and datasets raise many types for a damaged file
+            reason = str(e).splitlines()[0][:160] if str(e) else ""
+            raise UserError(
+                f"{path}: not a readable parquet file ({type(e).__name__}: {reason}); expected LIMA or chat-format rows"
+            ) from None
         for i, row in enumerate(table):
             yield f"{path}: row {i}", row
     else:
         raise UserError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
 
 
+def _decode(raw: bytes, path: Path, encoding: str, lineno: int | None = None) -> str:
+    """`raw` is one line (`lineno`) or the whole file (the line is counted); utf-8-sig accepts a leading BOM."""
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        lineno = lineno or raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x}); expected UTF-8 encoded JSON") from None
+
+
+def _json_type(value: object) -> str:
+    """What a JSON reader calls the value: `null`, `a number`, `an array`, ..."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), f"a {type(value).__name__}")
+
+
 def parse_row(row: object, where: str) -> Conversation:
     """Turn one LIMA-format or chat-format row into a validated `Conversation`."""
     if not isinstance(row, dict):
-        raise UserError(f"{where}: row is a JSON {type(row).__name__}; {EXPECTED_ROW}")
+        raise UserError(f"{where}: row is {_json_type(row)}; {EXPECTED_ROW}")
     if row.get("conversations") is not None:
         return _parse_lima(row["conversations"], where)
     if row.get("messages") is not None:
@@ -93,7 +121,7 @@ def parse_row(row: object, where: str) -> Conversation:
 
 def _check_text(value: object, where: str, what: str) -> str:
     if not isinstance(value, str):
-        raise UserError(f"{where}: {what} is a {type(value).__name__}; expected a non-empty string")
+        raise UserError(f"{where}: {what} is {_json_type(value)}; expected a non-empty string")
     if not value.strip():
         raise UserError(f"{where}: {what} is empty; expected a non-empty string")
     return value

@@ -64,6 +64,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_base_model(name, need_weights=False)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise UserError(
+            f"model.base_model={name}: the directory holds no tokenizer (tokenizer.json or tokenizer.model); "
+            "point it at a saved Hugging Face model"
+        )
     with _hub_errors("model.base_model", name):
         tokenizer = AutoTokenizer.from_pretrained(path, token=os.environ.get("HF_TOKEN"), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
@@ -75,8 +80,14 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_base_model(name: str, quantization: str, device: torch.device, trust_remote_code: bool = False):
-    """Frozen base weights on `device`: NF4 with double quantization and bf16 compute, or plain bf16 (fp32 on CPU)."""
+def load_base_model(
+    name: str, quantization: str, device: torch.device, trust_remote_code: bool = False, quant_storage: torch.dtype | None = None
+):
+    """Frozen base weights on `device`: NF4 with double quantization and bf16 compute, or plain bf16 (fp32 on CPU).
+
+    quant_storage: dtype the packed NF4 bytes are stored as (bitsandbytes' default: uint8); FSDP needs a float
+    dtype matching the rest of the model to shard them (see `lima_lightning.distributed.fsdp_quant_storage`).
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = resolve_base_model(name)
@@ -88,6 +99,7 @@ def load_base_model(name: str, quantization: str, device: torch.device, trust_re
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
+            **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
         )
         dtype = torch.bfloat16
     else:
@@ -122,6 +134,12 @@ def load_adapter(model, adapter_path: str, base_name: str, trainable: bool):
     if not config_file.is_file():
         raise UserError(
             f"model.adapter_path={adapter_path}: no adapter_config.json there; point it at an adapters/<name> directory of a run"
+        )
+    if not (path / "adapter_model.safetensors").is_file():
+        # PEFT would fall back to a pickled adapter_model.bin; weights are only ever read as safetensors here.
+        raise UserError(
+            f"model.adapter_path={adapter_path}: no adapter_model.safetensors there (a pickled adapter_model.bin is not read); "
+            "save the adapter with save_pretrained(safe_serialization=True)"
         )
     try:
         return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)

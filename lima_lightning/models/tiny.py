@@ -28,7 +28,11 @@ def tiny_model_dir() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache))
     tokenizer = build_tiny_tokenizer()
     tokenizer.save_pretrained(staging)
-    build_tiny_model(len(tokenizer)).save_pretrained(staging)
+    model = build_tiny_model(len(tokenizer))
+    # Once torch.distributed is initialized (DDP builds this on every rank), transformers >= 5 writes weights and
+    # config on rank 0 only; each process here writes its own complete copy and renames it into place.
+    model.should_save_on_this_rank = lambda is_main_process: True
+    model.save_pretrained(staging)
     try:
         staging.rename(target)  # atomic: other processes see either nothing or a complete directory
     except OSError:  # another process finished first

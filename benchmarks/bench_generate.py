@@ -1,0 +1,317 @@
+"""Generation speed: lima-lightning's predict path against plain transformers + PEFT, in one process.
+
+    python benchmarks/make_random_llama.py --out /tmp/llama2-7b-random --tokenizer .gpu/llama2-tokenizer
+    PYTHONPATH=. python benchmarks/bench_generate.py --model /tmp/llama2-7b-random --prompts .gpu/lima/test.jsonl
+    PYTHONPATH=. python benchmarks/bench_generate.py --smoke     # CPU, the built-in tiny model, seconds
+
+Every configuration answers the same prompts (LIMA's 300 test prompts in the Llama-2 chat template) with
+the same sampling (temperature 0.8, top-p 0.9, seeded) and the same random LoRA adapter (r=64 on every
+projection, as the QLoRA config trains):
+  reference, batch 1     `model.generate` on the PEFT model over an NF4 base, one prompt at a time, as the
+                         original project did; only --reference_prompts prompts are timed, and the time for all
+                         prompts is extrapolated from them.
+  reference, batched     the same model and call, --batch_size prompts at a time in input order.
+  predict ...            `Trainer.predict` on LIMALoRAModule + LIMADataModule, the path `lima-lightning predict`
+                         runs (longest prompts first, the product's generation function), on an NF4 or a bf16 base,
+                         with and without model.merge_for_generation.
+Batched configurations time --batches batches and extrapolate to all prompts by the number of batches; the
+predict path's first batches hold the longest prompts, so its extrapolation is pessimistic.
+
+A random-weight model almost never emits EOS, so nearly every sequence runs to max_new_tokens: these are
+worst-case times (a fine-tuned model stops earlier, and a batch ends when its longest answer does).
+
+On one H200 (torch 2.11, transformers 5.17, peft 0.21.0, bitsandbytes 0.50.2) the defaults take about 7 minutes,
+half of it the two reference rows; --configs picks a subset of the predict rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lima_lightning.data.collate import pad_for_generation
+from lima_lightning.data.datamodule import LIMADataModule, prompts_for_generation
+from lima_lightning.data.sources import load_conversations
+from lima_lightning.generation import describe_completion
+from lima_lightning.models.loading import LLAMA_PROJECTIONS, load_adapter, load_base_model, load_tokenizer, resolve_base_model
+from lima_lightning.module import LIMALoRAModule
+
+SYNTHETIC_SIZE = 80  # --smoke: the synthetic predict set is a tenth of this, 8 prompts
+
+PREDICT_CONFIGS = {  # name -> (quantization, merge_for_generation)
+    "predict, NF4 base": ("nf4", False),
+    "predict, NF4 base, merge_for_generation": ("nf4", True),
+    "predict, bf16 base": ("none", False),
+    "predict, bf16 base, merge_for_generation": ("none", True),
+}
+
+
+@dataclass
+class Result:
+    config: str
+    prompts_timed: int
+    generate_s: float  # wall time of the timed generation (model loading excluded)
+    new_tokens: int  # tokens generated in the timed part, EOS included
+    eos: int  # sequences of the timed part that stopped at EOS
+    estimated_all_s: float  # extrapolated wall time for every prompt
+    load_s: float  # loading (and merging) the model
+    peak_memory_gib: float | None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.generate_s
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def write_random_adapter(model_dir: str, out: Path, r: int, alpha: int, seed: int) -> Path:
+    """A LoRA adapter in PEFT's format with random A *and* B (PEFT starts B at 0, which merges to nothing).
+
+    The base is built on the meta device: only the adapter's own tensors are ever allocated.
+    """
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LLAMA_PROJECTIONS, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(meta_model, config)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, meta in get_peft_model_state_dict(peft_model).items():
+        fan_in = meta.shape[1]
+        std = 1 / math.sqrt(fan_in) if "lora_A" in key else 0.01
+        tensors[key] = torch.randn(meta.shape, generator=generator) * std
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    peft_model.peft_config["default"].base_model_name_or_path = model_dir
+    peft_model.peft_config["default"].save_pretrained(out)
+    return out
+
+
+def sampling(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+
+
+@torch.no_grad()
+def bench_reference(args, model_dir: str, adapter: Path, examples: list[dict], tokenizer, device) -> list[Result]:
+    """Plain transformers + PEFT on an NF4 base: one prompt at a time, then batched in input order."""
+    free(device)
+    started = time.perf_counter()
+    model = load_adapter(load_base_model(model_dir, "nf4", device), str(adapter), model_dir, trainable=False).eval()
+    model.config.use_cache = True
+    load_s = time.perf_counter() - started
+    kwargs = {**sampling(args), "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "use_cache": True}
+    results = []
+    warm_up = torch.tensor([examples[0]["input_ids"][:8]], device=device)  # CUDA context, kernels, allocator: outside the timings
+    model.generate(input_ids=warm_up, attention_mask=torch.ones_like(warm_up), **{**kwargs, "max_new_tokens": 2})
+
+    # Batch 1: an evenly spaced sample of prompts (short and long alike), extrapolated to all of them.
+    step = max(1, len(examples) // args.reference_prompts)
+    sample = examples[::step][: args.reference_prompts]
+    generate_s, new_tokens, eos = 0.0, 0, 0
+    for i, example in enumerate(sample):
+        torch.manual_seed(args.seed + i)
+        input_ids = torch.tensor([example["input_ids"]], device=device)
+        sync(device)
+        t = time.perf_counter()
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        sync(device)
+        generate_s += time.perf_counter() - t
+        completion = describe_completion(output[0, input_ids.shape[1] :].tolist(), tokenizer)
+        new_tokens += completion["new_tokens"]
+        eos += completion["finish_reason"] == "eos"
+    estimated = generate_s / len(sample) * len(examples)
+    results.append(Result("reference, batch 1", len(sample), generate_s, new_tokens, eos, estimated, load_s, peak_memory(device)))
+    print(f"  {results[-1].config}: {generate_s:.1f} s for {len(sample)} prompts", flush=True)
+
+    # Batched, in input order, the first --batches batches.
+    generate_s, new_tokens, eos, timed = 0.0, 0, 0, 0
+    for b in range(args.batches):
+        chunk = examples[b * args.batch_size : (b + 1) * args.batch_size]
+        if not chunk:
+            break
+        batch = pad_for_generation(chunk, tokenizer.pad_token_id)
+        torch.manual_seed(args.seed + b)
+        sync(device)
+        t = time.perf_counter()
+        input_ids = batch["input_ids"].to(device)
+        output = model.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), **kwargs)
+        sync(device)
+        generate_s += time.perf_counter() - t
+        for row in output[:, input_ids.shape[1] :].tolist():
+            completion = describe_completion(row, tokenizer)
+            new_tokens += completion["new_tokens"]
+            eos += completion["finish_reason"] == "eos"
+        timed += len(chunk)
+    estimated = generate_s / args.batches * math.ceil(len(examples) / args.batch_size)
+    results.append(Result("reference, batched", timed, generate_s, new_tokens, eos, estimated, load_s, peak_memory(device)))
+    print(f"  {results[-1].config}: {generate_s:.1f} s for {timed} prompts", flush=True)
+    del model
+    return results
+
+
+class BatchTimer(L.Callback):
+    """Wall time and completions of each predict batch: generation only, loading excluded."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: list[float] = []
+        self.rows: list[dict] = []
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        sync(self.device)
+        self.started = time.perf_counter()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        sync(self.device)
+        self.seconds.append(time.perf_counter() - self.started)
+        self.rows.extend(outputs)
+
+
+def bench_predict(args, name: str, model_dir: str, adapter: Path, prompts: str, n_prompts: int, device) -> Result:
+    """`lima-lightning predict` without the CLI: the same module, data module and Trainer.predict."""
+    quantization, merge = PREDICT_CONFIGS[name]
+    free(device)
+    module = LIMALoRAModule(
+        base_model=model_dir,
+        quantization=quantization,
+        adapter_path=str(adapter),
+        merge_for_generation=merge,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    data = LIMADataModule(tokenizer=model_dir, predict_dataset=prompts, predict_batch_size=args.batch_size, synthetic_size=SYNTHETIC_SIZE)
+    timer = BatchTimer(device)
+    trainer = L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision="bf16-mixed" if device.type == "cuda" else "32-true",  # as the 7B configs / the demo
+        logger=False,
+        callbacks=[timer],
+        limit_predict_batches=args.batches,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    started = time.perf_counter()
+    trainer.predict(module, datamodule=data, return_predictions=False)
+    total_s = time.perf_counter() - started
+    generate_s = sum(timer.seconds)
+    estimated = generate_s / len(timer.seconds) * math.ceil(n_prompts / args.batch_size)
+    eos = sum(r["finish_reason"] == "eos" for r in timer.rows)
+    new_tokens = sum(r["new_tokens"] for r in timer.rows)
+    result = Result(name, len(timer.rows), generate_s, new_tokens, eos, estimated, total_s - generate_s, peak_memory(device))
+    print(f"  {name}: {generate_s:.1f} s for {len(timer.rows)} prompts", flush=True)
+    del module, trainer
+    return result
+
+
+def table(results: list[Result], n_prompts: int) -> str:
+    reference = results[0].estimated_all_s
+    header = (
+        f"{'configuration':42s} {'timed':>5s} {'gen s':>7s} {'new tok':>8s} {'EOS':>4s} {'tok/s':>8s} "
+        f"{f'est. {n_prompts} prompts':>16s} {'vs ref':>7s} {'load s':>7s} {'peak GiB':>8s}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        memory = f"{r.peak_memory_gib:8.1f}" if r.peak_memory_gib is not None else f"{'-':>8s}"
+        lines.append(
+            f"{r.config:42s} {r.prompts_timed:5d} {r.generate_s:7.1f} {r.new_tokens:8d} {r.eos:4d} {r.tokens_per_s:8.1f} "
+            f"{r.estimated_all_s:14.0f} s {reference / r.estimated_all_s:6.1f}x {r.load_s:7.1f} {memory}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a Llama model directory (benchmarks/make_random_llama.py writes one)")
+    parser.add_argument("--prompts", help="LIMA test.jsonl (or any LIMA/chat-format file); default with --smoke: synthetic")
+    parser.add_argument("--max_new_tokens", type=int, default=500)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top_p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=32, help="prompts per batch (data.predict_batch_size in configs/predict.yaml)")
+    parser.add_argument("--batches", type=int, default=1, help="batches timed per batched configuration")
+    parser.add_argument(
+        "--reference_prompts", type=int, default=1, help="prompts timed one at a time for the batch-1 reference (~80 s each on an H200)"
+    )
+    parser.add_argument("--lora_r", type=int, default=64)
+    parser.add_argument("--lora_alpha", type=int, default=16)
+    parser.add_argument("--configs", nargs="*", default=list(PREDICT_CONFIGS), help="predict configurations to run (default: all)")
+    parser.add_argument("--work_dir", default="/tmp/bench_generate", help="where the random adapter is written")
+    parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="CPU, the tiny model, synthetic prompts, a few tokens: checks that it runs")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model = args.model or "tiny"
+        args.prompts = args.prompts or "synthetic"
+        args.max_new_tokens, args.batch_size, args.reference_prompts, args.lora_r = 4, 2, 1, 8
+    elif not args.model or not args.prompts:
+        parser.error("--model and --prompts are required (or --smoke)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    import peft
+    import transformers
+
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    model_dir = resolve_base_model(args.model)
+    tokenizer = load_tokenizer(model_dir)
+    # Prompts exactly as predict builds them (the data module's own functions).
+    examples = prompts_for_generation(load_conversations(args.prompts, "test", "--prompts", SYNTHETIC_SIZE), tokenizer, "llama2-chat")
+    adapter = write_random_adapter(model_dir, Path(args.work_dir) / "adapter", args.lora_r, args.lora_alpha, args.seed)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    print(
+        f"{gpu}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, lightning {L.__version__}\n"
+        f"{args.model}: {len(examples)} prompts from {args.prompts}, up to {args.max_new_tokens} new tokens, "
+        f"temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}, LoRA r={args.lora_r} on {', '.join(LLAMA_PROJECTIONS)}",
+        flush=True,
+    )
+    results = bench_reference(args, model_dir, adapter, examples, tokenizer, device)
+    for name in args.configs:
+        results.append(bench_predict(args, name, model_dir, adapter, args.prompts, len(examples), device))
+    print()
+    print(table(results, len(examples)))
+    print(
+        f"\ngen s: wall time of the timed prompts; est.: extrapolated to all {len(examples)} prompts (batch 1: per prompt; batched: per "
+        f"batch of {args.batch_size}); vs ref: est. time of 'reference, batch 1' / est. time. A random-weight model rarely emits EOS "
+        "(column EOS), so sequences run to the limit: the worst case."
+    )
+    if args.out:
+        rows = [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in results]
+        Path(args.out).write_text(json.dumps({"args": vars(args), "device": gpu, "results": rows}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

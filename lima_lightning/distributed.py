@@ -1,0 +1,274 @@
+"""Several devices through Lightning's own strategies: `--trainer.devices=N --trainer.strategy=ddp` (or `fsdp`).
+
+What a frozen base + LoRA needs beyond what Lightning does by itself:
+
+- **Data.** `StepShardedSampler` shards the training order so that every optimizer step trains on the
+  same conversations, in the same micro-batches, on any number of devices: with the same global batch
+  (devices x `data.batch_size` x `trainer.accumulate_grad_batches`), one GPU accumulating 2 micro-batches
+  and two GPUs with one each see identical batches, hence the same loss curve (to float rounding).
+  Prediction needs nothing: Lightning shards predict prompts with its `UnrepeatedDistributedSampler`
+  (no padding duplicates), and `gather_rows` brings the rows back to rank 0.
+- **Loss.** Nothing here: `LIMALoRAModule.on_before_optimizer_step` all-reduces the trained-token count, so
+  the loss is a token-weighted mean over all devices (a device with more trained tokens weighs more).
+- **FSDP.** `prepare_fsdp` fills in, when the user has not set them, what `FSDPStrategy` needs for a frozen
+  (NF4 or bf16) base with trainable LoRA weights: an auto-wrap policy (one unit per decoder layer, one per
+  LoRA weight, so no flat parameter mixes frozen bf16 with trainable fp32), no FSDP dtype casts (autocast
+  computes in bf16, as under DDP), and FSDP's activation checkpointing in place of transformers' own. The NF4
+  weights are stored as bf16 (`bnb_4bit_quant_storage`) so FSDP can shard them; see `fsdp_quant_storage`.
+- **Writing once.** Helpers never call collectives from one rank only (`Trainer.log_dir` broadcasts, so the
+  callbacks resolve the run dir without it); under FSDP, gathering the adapter is a collective on all ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from lima_lightning.data.tokenization import IGNORE_INDEX
+
+# Wrapper prefixes FSDP and activation checkpointing put into parameter names; state dicts leave them out.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+# ----------------------------------------------------------------------------- data
+class Masked:
+    """A padding item: a copy of `key`'s example(s) with every label ignored, so it trains nothing.
+
+    Under DDP every rank must run every step; when an epoch does not split evenly, the short ranks run these
+    instead of repeating conversations (torch's DistributedSampler repeats them, training them twice).
+    """
+
+    __slots__ = ("key",)
+
+    def __init__(self, key) -> None:
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"Masked({self.key!r})"
+
+
+class MaskPadding(Dataset):
+    """`dataset[key]` as is, and for `Masked(key)` the same item with all labels set to IGNORE_INDEX."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if isinstance(key, Masked):
+            return _ignore_labels(self.dataset[key.key])
+        return self.dataset[key]
+
+
+def _ignore_labels(item):
+    # An example ({"input_ids", "labels"}) or nested lists of them (the rows of a token-budget batch).
+    if isinstance(item, dict):
+        return {**item, "labels": [IGNORE_INDEX] * len(item["labels"])}
+    return [_ignore_labels(x) for x in item]
+
+
+def step_blocks(order: list, block: int, num_replicas: int, rank: int) -> list:
+    """`rank`'s share of `order` (its length a multiple of `num_replicas`), in consecutive blocks of `block` items.
+
+    Micro-batch m of rank r is block m * num_replicas + r of `order`, so the blocks of one round (one micro-batch
+    on every rank) are consecutive, exactly as one device takes them one after the other while accumulating.
+    The last, partial round is split evenly, so every rank yields the same number of items and of batches.
+    """
+    if len(order) % num_replicas:
+        raise ValueError(f"len(order)={len(order)} must be a multiple of num_replicas={num_replicas}; pad it first")
+    round_size = block * num_replicas
+    full = len(order) - len(order) % round_size
+    mine = []
+    for start in range(0, full, round_size):
+        mine += order[start + rank * block : start + (rank + 1) * block]
+    tail = order[full:]
+    share = len(tail) // num_replicas
+    return mine + tail[rank * share : (rank + 1) * share]
+
+
+class StepShardedSampler(DistributedSampler):
+    """A rank's share of another sampler's epoch, in `step_blocks`; a DistributedSampler, so Lightning keeps it.
+
+    Lightning would otherwise wrap the training sampler in a `DistributedSamplerWrapper`, which deals the order
+    out one item at a time (rank r gets positions r, r + N, ...): each optimizer step would still see the same
+    conversations, but grouped into other micro-batches than on one device, with other padding. A sampler of
+    whole batches (`data.batching: length_grouped | packed`) is sharded by batch (`block=1`). Padding to a
+    multiple of the number of ranks uses `Masked` copies of the first items.
+    """
+
+    def __init__(self, sampler: Sampler, block: int, num_replicas: int, rank: int) -> None:
+        """
+        Args:
+            sampler: Yields the epoch's items (example indices, or whole batches) for the epoch set with
+                `set_epoch`; every rank must get the same sequence (e.g. `EpochShuffle`, `TokenBudgetSampler`).
+            block: Items per micro-batch: `data.batch_size` for examples, 1 for a sampler of whole batches.
+            num_replicas: Number of processes (`trainer.world_size`).
+            rank: This process's global rank.
+        """
+        # The dataset argument only sets num_samples = ceil(len / num_replicas), as torch does.
+        super().__init__(range(len(sampler)), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.sampler = sampler
+        self.block = block
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if callable(getattr(self.sampler, "set_epoch", None)):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        order = list(self.sampler)
+        padding = self.total_size - len(order)
+        order += [Masked(item) for item in (order * math.ceil(padding / max(len(order), 1)))[:padding]]
+        return iter(step_blocks(order, self.block, self.num_replicas, self.rank))
+
+
+def shard_train_loader(loader_args: dict, trainer) -> dict:
+    """One device's train-loader arguments (dataset, sampler, batch_size, ...) made into this rank's share.
+
+    `batch_size=None` means the sampler yields whole batches; those are dealt out one per rank per round.
+    Unchanged on a single process.
+    """
+    world_size = trainer.world_size if trainer is not None else 1
+    if world_size == 1:
+        return loader_args
+    block = loader_args["batch_size"] or 1
+    sampler = StepShardedSampler(loader_args["sampler"], block, world_size, trainer.global_rank)
+    return {**loader_args, "dataset": MaskPadding(loader_args["dataset"]), "sampler": sampler}
+
+
+# ----------------------------------------------------------------------------- strategies
+def is_fsdp(strategy) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def fsdp_quant_storage(strategy) -> torch.dtype | None:
+    """The dtype NF4 weights are packed into: bf16 under FSDP, so they shard like the bf16 weights around them.
+
+    FSDP flattens each unit's parameters into one tensor of one (floating) dtype; bitsandbytes' default uint8
+    packing would not flatten with a decoder layer's bf16 norms. The bytes are the same either way.
+    """
+    return torch.bfloat16 if is_fsdp(strategy) else None
+
+
+def decoder_layer_classes(model: torch.nn.Module) -> tuple[type, ...]:
+    """The model's transformer block classes (transformers lists them in `_no_split_modules`), e.g. LlamaDecoderLayer."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    classes = tuple({type(m) for m in model.modules() if type(m).__name__ in names})
+    if not classes:
+        raise ValueError(f"{type(model).__name__} names no transformer block class in _no_split_modules; FSDP cannot wrap it by layer")
+    return classes
+
+
+def lora_fsdp_wrap_policy(layer_classes: tuple[type, ...]) -> Callable:
+    """FSDP units: every decoder layer, and every leaf with a trainable weight (each LoRA A and B) on its own.
+
+    A unit's parameters become one flat tensor, which must have one dtype (and, without use_orig_params, one
+    requires_grad): the frozen base of a layer (bf16, or NF4 stored as bf16) and its fp32 LoRA weights cannot
+    share one. This is the policy of llama-recipes and PEFT's `fsdp_auto_wrap_policy`.
+    """
+    from functools import partial
+
+    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+
+    def trainable_leaf(module: torch.nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        return next(module.children(), None) is None and isinstance(weight, torch.Tensor) and weight.requires_grad
+
+    return partial(
+        _or_policy,
+        policies=[
+            partial(lambda_auto_wrap_policy, lambda_fn=trainable_leaf),
+            partial(transformer_auto_wrap_policy, transformer_layer_cls=set(layer_classes)),
+        ],
+    )
+
+
+def prepare_fsdp(strategy, model: torch.nn.Module) -> None:
+    """Under FSDPStrategy: set what a frozen base + LoRA needs, unless the user configured it; else do nothing.
+
+    Runs in `configure_model`, after the model exists and before Lightning wraps it. Idempotent.
+    - `auto_wrap_policy`: `lora_fsdp_wrap_policy` (without one FSDP makes the whole model one flat tensor).
+    - `mixed_precision`: none, i.e. FSDP casts nothing. Lightning's bf16 default would also cast buffers (RoPE's
+      inv_freq) to bf16; autocast already runs the matmuls in bf16, and LoRA weights stay fp32, as under DDP.
+    - activation checkpointing: transformers' own (inside each layer) is turned off and FSDP's checkpoint
+      wrapper put around each decoder layer instead, the combination torch documents for FSDP.
+    """
+    if not is_fsdp(strategy):
+        return
+    from torch.distributed.fsdp import MixedPrecision
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_classes = decoder_layer_classes(base)
+    if "auto_wrap_policy" not in strategy.kwargs:
+        strategy.kwargs["auto_wrap_policy"] = lora_fsdp_wrap_policy(layer_classes)
+    if strategy.mixed_precision is None:
+        strategy.mixed_precision = MixedPrecision()
+    if _checkpointing_enabled(base):
+        from lima_lightning.models.speed import set_gradient_checkpointing
+
+        set_gradient_checkpointing(base, False)
+        # Lightning applies these after wrapping (FSDPStrategy._setup_model); a private attribute of 2.6.
+        if not strategy._activation_checkpointing_kwargs:
+            strategy._activation_checkpointing_kwargs = {"check_fn": lambda module: isinstance(module, layer_classes)}
+
+
+def _checkpointing_enabled(model) -> bool:
+    # transformers 5.2x renamed the property (the old name warns); 5.1x has only the old one.
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def clean_param_name(name: str) -> str:
+    """A parameter name as state dicts spell it, without FSDP, activation-checkpointing or compile wrappers."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def global_grad_norm(grads: list[torch.Tensor], strategy) -> torch.Tensor:
+    """L2 norm of the gradient over all devices: under FSDP each rank holds a shard of it, under DDP all of it."""
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if is_fsdp(strategy):
+        norm = strategy.reduce(norm.float() ** 2, reduce_op="sum") ** 0.5
+    return norm
+
+
+def gather_adapter_state(trainer, pl_module) -> dict[str, torch.Tensor] | None:
+    """Under FSDP: the full trainable weights on rank 0 (PeftModel names), others get {}; a collective: call it on
+    every rank. Otherwise None: every rank holds the whole adapter and `save_pretrained` reads it directly."""
+    if not is_fsdp(trainer.strategy):
+        return None
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    # The full state dict, gathered unit by unit and offloaded to CPU on rank 0 only (whatever
+    # `state_dict_type` the strategy checkpoints with). It holds the frozen base too, as a `full` checkpoint
+    # does; only the trainable weights are kept.
+    root = trainer.strategy.model
+    with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+        state = root.state_dict()
+    return adapter_state_from_full(state, pl_module.trainable_parameter_names())
+
+
+def adapter_state_from_full(state: dict[str, torch.Tensor], trainable: set[str]) -> dict[str, torch.Tensor]:
+    """The trainable entries of a LightningModule state dict, named as the PeftModel (`self.model`) names them."""
+    prefix = "model."  # the LightningModule's attribute holding the PeftModel
+    return {k[len(prefix) :]: v for k, v in state.items() if k in trainable and k.startswith(prefix)}
+
+
+def gather_rows(rows: list, trainer) -> list:
+    """Every rank's rows, concatenated in rank order, on every rank; `rows` itself on a single process."""
+    if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return list(rows)
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, list(rows))
+    return [row for part in parts for row in part]

@@ -1,0 +1,274 @@
+"""Token-budget batching: the sampler's guarantees, the collator's tensors, and the same loss and gradients
+from a packed or length-grouped batch as from the plain padded batch (tiny model, CPU, fp32)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lima_lightning.data.batching import (
+    TokenBudgetSampler,
+    collate_rows,
+    count_tokens,
+    length_grouped_batches,
+    pack_rows,
+    padding_fraction,
+)
+from lima_lightning.data.collate import pad_for_training
+from lima_lightning.data.tokenization import IGNORE_INDEX
+from tests.conftest import LIMA_TRAIN, needs_lima
+
+MODES = ["length_grouped", "packed"]
+
+
+def random_lengths(n: int = 300, seed: int = 0, longest: int = 512) -> list[int]:
+    rng = random.Random(seed)
+    # Skewed like LIMA: many short conversations, a tail of long ones, some at the cap.
+    return [min(longest, int(rng.lognormvariate(5.0, 0.9)) + 8) for _ in range(n)]
+
+
+def flat(batches) -> list[int]:
+    return [i for batch in batches for row in batch for i in row]
+
+
+# ----------------------------------------------------------------------------- the sampler
+@pytest.mark.parametrize("mode", MODES)
+def test_every_example_exactly_once_per_epoch_and_len_is_constant(mode):
+    lengths = random_lengths()
+    sampler = TokenBudgetSampler(lengths, mode, max_tokens=2048, row_tokens=512, seed=3)
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert Counter(flat(batches)) == Counter(range(len(lengths)))
+        # Lightning reads len() once per fit; every epoch must have exactly that many batches.
+        assert len(batches) == len(sampler)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_order_is_a_pure_function_of_seed_and_epoch(mode):
+    lengths = random_lengths()
+    a = TokenBudgetSampler(lengths, mode, 2048, 512, seed=3)
+    b = TokenBudgetSampler(lengths, mode, 2048, 512, seed=3)
+    for epoch in (0, 1, 2):  # `a` walks through epochs 0..2; `b` jumps straight to 2, as a resumed run does
+        a.set_epoch(epoch)
+        list(a)
+    b.set_epoch(2)
+    assert list(a) == list(b) == a.batches(2)
+    assert a.batches(2) != a.batches(3)  # a new order each epoch
+    assert TokenBudgetSampler(lengths, mode, 2048, 512, seed=4).batches(2) != a.batches(2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_token_budget_and_row_capacity_are_respected(mode):
+    lengths = random_lengths()
+    sampler = TokenBudgetSampler(lengths, mode, max_tokens=2048, row_tokens=512, seed=0)
+    examples = [{"input_ids": [5] * n, "labels": [7] * n} for n in lengths]
+    biggest = 0
+    for epoch in range(3):
+        for batch in sampler.batches(epoch):
+            tensors = collate_rows([[examples[i] for i in row] for row in batch], pad_id=0)
+            rows, width = tensors["input_ids"].shape
+            assert rows * width <= 2048 and width <= 512
+            biggest = max(biggest, rows * width)
+    # `max_batch_tokens` (what gradient_checkpointing=auto plans memory for) bounds every batch.
+    assert biggest <= sampler.max_batch_tokens <= 2048
+
+
+def test_length_grouped_batches_hold_similar_lengths():
+    lengths = random_lengths()
+    batches = length_grouped_batches(lengths, 2048, seed=0)
+    for batch in batches:
+        widths = [lengths[row[0]] for row in batch]
+        assert widths == sorted(widths, reverse=True)  # the first row sets the width
+        assert len(batch) * widths[0] <= 2048
+
+
+def test_first_fit_decreasing_fills_rows():
+    lengths = random_lengths()
+    rows = pack_rows(lengths, 512, seed=0)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    # Within one row of the optimum: the token total needs at least this many rows.
+    assert len(rows) <= -(-sum(lengths) // 512) + 1
+
+
+def test_an_example_longer_than_the_budget_is_refused():
+    with pytest.raises(ValueError, match="exceeds"):
+        TokenBudgetSampler([10, 600], "packed", max_tokens=1024, row_tokens=512, seed=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        TokenBudgetSampler([10, 600], "length_grouped", max_tokens=512, row_tokens=512, seed=0)
+
+
+def plain_batches(n: int, batch_size: int, seed: int):
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [[[i] for i in order[k : k + batch_size]] for k in range(0, n, batch_size)]
+
+
+@needs_lima
+def test_padding_fraction_on_lima_lengths_is_far_below_plain(llama2_tokenizer):
+    from lima_lightning.data.conversations import read_conversations
+    from lima_lightning.data.tokenization import tokenize_for_training
+
+    examples, _ = tokenize_for_training(read_conversations(LIMA_TRAIN), llama2_tokenizer, "llama2-chat", 2048)
+    lengths = [len(e["input_ids"]) for e in examples]
+    plain = padding_fraction(plain_batches(len(lengths), 4, seed=0), lengths)
+    grouped = padding_fraction(TokenBudgetSampler(lengths, "length_grouped", 8192, 2048, seed=0).batches(0), lengths)
+    packed = padding_fraction(TokenBudgetSampler(lengths, "packed", 8192, 2048, seed=0).batches(0), lengths)
+    assert plain > 0.35  # the issue's reference: ~45% padding at batch 4
+    assert grouped < 0.05 and packed < 0.01, (plain, grouped, packed)
+
+
+# ----------------------------------------------------------------------------- the collator
+def test_collate_rows_restarts_positions_and_ignores_each_first_label():
+    a = {"input_ids": [1, 10, 11], "labels": [IGNORE_INDEX, 10, 11]}
+    b = {"input_ids": [1, 20], "labels": [1, 20]}  # a first label that is trained is still never a target
+    c = {"input_ids": [1, 30, 31, 32], "labels": [IGNORE_INDEX, IGNORE_INDEX, 31, 32]}
+    batch = collate_rows([[a, b], [c]], pad_id=0)
+    X = IGNORE_INDEX
+    assert batch["input_ids"].tolist() == [[1, 10, 11, 1, 20], [1, 30, 31, 32, 0]]
+    assert batch["labels"].tolist() == [[X, 10, 11, X, 20], [X, X, 31, 32, X]]
+    # Restarts mark each conversation; the padding tail continues the last one, so row 2 is plain 0..4.
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
+    assert batch["num_tokens"] == count_tokens(batch) == 9
+    assert count_tokens(pad_for_training([a, c], pad_id=0)) == 7
+
+
+# ----------------------------------------------------------------------------- same loss, same gradients
+@pytest.fixture(scope="module")
+def examples(tiny_tokenizer):
+    from lima_lightning.data.synthetic import synthetic_conversations
+    from lima_lightning.data.tokenization import tokenize_for_training
+
+    conversations = synthetic_conversations("train", 7)
+    examples, _ = tokenize_for_training(conversations, tiny_tokenizer, "llama2-chat", 256)
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # mixed lengths, so the padded batch pads
+    return examples
+
+
+def make_module(quantization: str = "none", **overrides):
+    from lima_lightning.module import LIMALoRAModule
+
+    settings = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "gradient_checkpointing": False, **overrides}
+    module = LIMALoRAModule(base_model="tiny", quantization=quantization, **settings)
+    module.configure_model()
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-zero B: every adapter weight then gets a gradient
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return module
+
+
+def plain_path(module, batch) -> tuple[torch.Tensor, dict]:
+    """What a user's loop computes: full logits with the padding mask, textbook shifted cross-entropy (sum)."""
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll, gradients(module, nll)
+
+
+def gradients(module, loss) -> dict[str, torch.Tensor]:
+    module.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def our_path(module, batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    nll, count = module.masked_nll(batch)
+    return nll, count, gradients(module, nll)
+
+
+def assert_grads_close(actual: dict, expected: dict) -> None:
+    # fp32 sums in another order differ by ~1e-7 of the largest entry; 1e-5 of it is still tight.
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+
+def trained_count(examples) -> int:
+    return sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples)
+
+
+BATCHINGS = {
+    # The plain batch itself, through our path: no attention mask, LM head at trained positions only.
+    "padded": lambda ex, pad: pad_for_training(ex, pad),
+    # One conversation per row in another order (what length_grouped yields).
+    "length_grouped": lambda ex, pad: collate_rows([[e] for e in sorted(ex, key=lambda e: -len(e["input_ids"]))], pad),
+    # Three rows of several conversations each, blocked from attending to one another.
+    "packed": lambda ex, pad: collate_rows([ex[0:3], ex[3:5], ex[5:]], pad),
+}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("batching", list(BATCHINGS))
+def test_same_loss_and_gradients_as_the_plain_padded_batch(examples, batching, attention):
+    module = make_module()
+    module.model.get_base_model().set_attn_implementation(attention)
+    plain = pad_for_training(examples, 0)
+    assert (plain["attention_mask"] == 0).any()
+    reference_nll, reference_grads = plain_path(module, plain)
+    nll, count, grads = our_path(module, BATCHINGS[batching](examples, 0))
+    assert count == trained_count(examples)
+    torch.testing.assert_close(nll, reference_nll, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, reference_grads)
+
+
+def test_packing_without_the_restarts_would_be_caught(examples):
+    """The parity test can fail: the same packed rows with plain positions let conversations attend to each other."""
+    module = make_module()
+    reference_nll, _ = plain_path(module, pad_for_training(examples, 0))
+    leaky = collate_rows([examples[0:3], examples[3:5], examples[5:]], 0)
+    leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1]).expand_as(leaky["input_ids"])
+    nll, _ = module.masked_nll(leaky)
+    assert not torch.allclose(nll, reference_nll, rtol=1e-3)
+
+
+def test_chunked_head_loss_gives_the_same_loss_and_gradients(examples):
+    module = make_module()
+    batch = collate_rows([examples[0:3], examples[3:]], 0)
+    nll, count, grads = our_path(module, batch)
+    module.hparams.loss_chunk_size = 5  # several chunks, the last one short
+    assert count > 10
+    chunked_nll, chunked_count, chunked_grads = our_path(module, batch)
+    assert chunked_count == count
+    torch.testing.assert_close(chunked_nll, nll, rtol=1e-5, atol=1e-5)
+    assert_grads_close(chunked_grads, grads)
+
+
+def test_packed_nf4_base_matches_padded_to_bf16_rounding(examples):
+    module = make_module("nf4")
+    with torch.no_grad():
+        reference, _ = module.masked_nll(pad_for_training(examples, 0))
+        packed, _ = module.masked_nll(collate_rows([examples[0:4], examples[4:]], 0))
+    torch.testing.assert_close(packed, reference, rtol=2e-2, atol=0.0)
+
+
+# ----------------------------------------------------------------------------- through the data module
+@pytest.mark.parametrize("mode", MODES)
+def test_data_module_loader_trains_every_token_once_per_epoch(tiny_dir, mode):
+    from lima_lightning.data.datamodule import LIMADataModule
+
+    dm = LIMADataModule(
+        dataset="synthetic", tokenizer=str(tiny_dir), synthetic_size=120, max_seq_length=128, batching=mode, max_tokens_per_batch=512
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        assert sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches) == dm.stats["train"].trained_tokens
+        assert sum(b["num_tokens"] for b in batches) == dm.stats["train"].tokens
+        assert max(b["input_ids"].numel() for b in batches) <= dm.max_batch_tokens <= 512
+
+
+def test_token_budget_below_the_sequence_cap_is_refused():
+    from lima_lightning.data.datamodule import LIMADataModule
+    from lima_lightning.errors import UserError
+
+    with pytest.raises(UserError, match="data.max_tokens_per_batch=1024: must be at least data.max_seq_length=2048"):
+        LIMADataModule(batching="packed", max_tokens_per_batch=1024)

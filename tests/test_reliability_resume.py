@@ -1,0 +1,201 @@
+"""Exact resume: a run killed with SIGKILL mid-epoch and resumed from its checkpoint ends bit-identical on CPU."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import demo_args, run_cli
+from tests.reliability_helpers import lima_subprocess, scalars
+
+# 114 training conversations / 16 = 8 batches an epoch, 16 steps in 2 epochs; dropout on, so the RNG matters.
+# last.ckpt every 5 steps: the kill at step 12 finds it at step 10, 2 batches into epoch 1.
+SMALL = (
+    "--data.synthetic_size", "120", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
+    "--model.lora_dropout", "0.1", "--checkpoint.every_n_train_steps", "5",
+    "--samples.num_prompts", "1", "--samples.max_new_tokens", "8",
+)  # fmt: skip
+TAGS = ("train/loss", "train/lr", "val/loss")
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapters" / "final" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), (name, (a[name] - b[name]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_dir) -> Path:
+    """The uninterrupted run."""
+    cli = run_cli("fit", *demo_args(tmp_path_factory.mktemp("reference"), *SMALL))
+    return Path(cli.trainer.log_dir)
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, tiny_dir) -> Path:
+    """The same run in a real process, SIGKILLed at the start of step 12 (its last.ckpt is from step 10)."""
+    root = tmp_path_factory.mktemp("killed")
+    marker = root / "hanging"
+    hang = ("--trainer.callbacks+=tests.reliability_helpers.HangAtStep", "--trainer.callbacks.step", "12")
+    process = lima_subprocess("fit", *demo_args(root, *SMALL), *hang, "--trainer.callbacks.marker", str(marker))
+    deadline = time.monotonic() + 240
+    try:
+        while not marker.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the run never reached step 12"
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    # For the explicit-path test, whichever runs first: the resume below overwrites last.ckpt.
+    shutil.copy(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", root / "step10.ckpt")
+    return root
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_ckpt_path_last_ends_bit_identical(reference, killed):
+    run_dir = killed / "lightning_logs" / "version_0"
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 10
+    assert checkpoint["LIMADataModule"]["train_position"] == {"epoch": 1, "batches": 2, "batches_per_epoch": 8}
+    assert not (run_dir / "adapters" / "final").exists()
+    assert max(step for step, _ in scalars(run_dir, "train/loss")) == 11  # logged after the checkpoint, then killed
+
+    resumed = run_cli("fit", *demo_args(killed, *SMALL), "--ckpt_path", "last")
+    assert resumed.trainer.ckpt_path == str(run_dir / "checkpoints" / "last.ckpt")
+    assert [p.name for p in (killed / "lightning_logs").iterdir()] == ["version_0"]  # continued in its own run dir
+    assert_same_adapter(adapter(run_dir), adapter(reference))
+    for tag in TAGS:  # what the killed process logged after step 10 is purged and logged again, identically
+        assert scalars(run_dir, tag) == scalars(reference, tag), tag
+
+
+@pytest.mark.slow
+def test_explicit_ckpt_path_restores_onto_a_fresh_base_in_a_new_run(reference, killed, tmp_path):
+    cli = run_cli("fit", *demo_args(tmp_path, *SMALL), "--ckpt_path", str(killed / "step10.ckpt"))
+    run_dir = Path(cli.trainer.log_dir)
+    assert_same_adapter(adapter(run_dir), adapter(reference))
+    # A file outside any run dir starts a new run dir, which logs from step 10 on.
+    assert scalars(run_dir, "train/loss") == [(s, v) for s, v in scalars(reference, "train/loss") if s >= 10]
+
+
+@pytest.mark.slow
+def test_checkpoint_holds_the_adapter_its_optimizer_and_loop_state_never_the_base(reference, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lima_lightning.module import LIMALoRAModule
+
+    ckpt_file = reference / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt_file, weights_only=True)
+    lora = adapter(reference)
+    lora_bytes = sum(t.numel() * t.element_size() for t in lora.values())
+    base_bytes = sum(p.numel() * p.element_size() for p in AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
+    # weights + AdamW's two moments, plus loop/RNG state; the base is 4x the adapter here, so it would show.
+    assert 3 * lora_bytes < ckpt_file.stat().st_size < 3 * lora_bytes + 100_000 < base_bytes + 3 * lora_bytes
+    assert len(checkpoint["state_dict"]) == len(lora) and all("lora_" in k for k in checkpoint["state_dict"])
+    assert {"optimizer_states", "lr_schedulers", "loops", "LIMADataModule", "lima_rng_states"} <= checkpoint.keys()
+    # Taken at the end of the last epoch: a resume starts the next epoch at its first batch.
+    assert checkpoint["LIMADataModule"]["train_position"] == {"epoch": 2, "batches": 0, "batches_per_epoch": 8}
+
+    # Loaded with strict=False onto a fresh base: what is missing is exactly the frozen base, nothing is unexpected.
+    module = LIMALoRAModule(base_model="tiny", quantization="none", lora_r=16, lora_alpha=32, gradient_checkpointing=False)
+    module.configure_model()
+    missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    assert set(missing) == frozen and not unexpected
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (("--model.lora_r", "8"), "model.lora_r=16 there, 8 here"),
+        (("--model.target_modules", "[q_proj,v_proj]"), "model.target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj',"),
+    ],
+)
+@pytest.mark.slow
+def test_checkpoint_of_another_rank_or_layout_is_refused_in_one_line(reference, tmp_path, capsys, change, named):
+    ckpt = reference / "checkpoints" / "last.ckpt"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *demo_args(tmp_path, *SMALL, *change), "--ckpt_path", str(ckpt))
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"lima-lightning: error: --ckpt_path={ckpt}: the checkpoint's adapter does not fit") and named in line
+
+
+@pytest.mark.slow
+def test_a_module_refuses_a_state_dict_of_another_shape_even_outside_the_cli(reference):
+    from lima_lightning.checkpointing import check_adapter_fits
+    from lima_lightning.errors import UserError
+    from lima_lightning.module import LIMALoRAModule
+
+    checkpoint = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"] = {}  # e.g. Trainer.fit(model, ckpt_path=...) with hand-made hparams
+    module = LIMALoRAModule(base_model="tiny", quantization="none", lora_r=8, lora_alpha=32, gradient_checkpointing=False)
+    module.configure_model()
+    with pytest.raises(
+        UserError, match=r"0 adapter tensors missing; 0 unexpected; 28 of another shape, e.g. .*lora_A.*: \(16, \d+\) vs \(8, \d+\)"
+    ):
+        check_adapter_fits(module, checkpoint, "x.ckpt")
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_base_is_refused(reference, tmp_path, tiny_dir, capsys):
+    other_base = tmp_path / "other-base"  # same shapes, another model as far as anyone can tell
+    shutil.copytree(tiny_dir, other_base)
+    with pytest.raises(SystemExit):
+        run_cli(
+            "fit",
+            *demo_args(tmp_path, *SMALL, "--model.base_model", str(other_base)),
+            "--ckpt_path",
+            str(reference / "checkpoints/last.ckpt"),
+        )
+    assert f"model.base_model='tiny' there, '{other_base}' here" in capsys.readouterr().err
+
+
+def test_ckpt_path_last_with_no_checkpoint_starts_fresh_and_a_missing_file_is_one_line(tmp_path, capsys):
+    from lima_lightning.checkpointing import resolve_resume
+
+    assert resolve_resume("last", tmp_path) == (None, None)  # set-and-forget: the first run of a requeued job
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *demo_args(tmp_path), "--ckpt_path", str(tmp_path / "nope.ckpt"))
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("nope.ckpt: no such file; pass `last` or a <run dir>/checkpoints/*.ckpt file")
+    )
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch_and_the_loader_skips_what_was_trained():
+    from lima_lightning.data.resumable import EpochShuffle, ResumableDataLoader
+
+    def batches(epoch: int, skip: int = 0, warm_up_epochs: int = 0) -> list[list[int]]:
+        sampler = EpochShuffle(50, seed=7)
+        loader = ResumableDataLoader(list(range(50)), batch_size=8, sampler=sampler, start_epoch=epoch, skip_batches=skip)
+        for e in range(warm_up_epochs):  # a long-running process that iterated earlier epochs first
+            sampler.set_epoch(e)
+            list(loader)
+        sampler.set_epoch(epoch)
+        return [b.tolist() for b in loader]
+
+    assert batches(2) == batches(2, warm_up_epochs=2) != batches(1)
+    assert batches(2, skip=3) == batches(2)[3:]
+    loader = ResumableDataLoader(list(range(50)), batch_size=8, sampler=EpochShuffle(50, 7), skip_batches=3)
+    assert len(list(loader)) == 4 and len(list(loader)) == 7  # the skip applies to the first iteration only
+
+    # FSDP restores the checkpoint after Lightning made the iterator; the skip still applies at the first batch.
+    late = ResumableDataLoader(list(range(50)), batch_size=8, sampler=EpochShuffle(50, 7))
+    iterator = iter(late)
+    late.resume_at({"epoch": 2, "batches": 3, "batches_per_epoch": 7})
+    assert [b.tolist() for b in iterator] == batches(2)[3:]

@@ -1,0 +1,176 @@
+"""Speed knobs on CPU: gradient checkpointing on/off/auto, attention fallback, bf16 adapters, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lima_lightning.data.batching import collate_rows
+from lima_lightning.models.speed import (
+    GIB,
+    MemoryEstimate,
+    compile_decoder_layers,
+    configure_for_training,
+    decide_checkpointing,
+    optimizer_state_bytes,
+    probe_activation_memory,
+    set_attention,
+    set_gradient_checkpointing,
+)
+from tests.conftest import demo_args, run_cli
+from tests.test_batching import assert_grads_close, examples, make_module  # noqa: F401 (fixture)
+
+
+def layers(module):
+    return module.model.get_base_model().get_decoder().layers
+
+
+def test_memory_estimate_fits_only_with_the_margin():
+    estimate = MemoryEstimate(fixed_bytes=4 * GIB, bytes_per_token=2**20, optimizer_bytes=1 * GIB, max_tokens=8192, budget_bytes=16 * GIB)
+    assert estimate.predicted_peak_bytes == 13 * GIB  # 4 + 1 + 8192 x 1 MiB
+    assert estimate.fits  # 13 x 1.15 + 1 = 15.95 GiB <= 16
+    assert not MemoryEstimate(4 * GIB, 2**20, 1 * GIB, 8192, 15.9 * GIB).fits
+    assert not MemoryEstimate(4 * GIB, 2**20, 1 * GIB, 16384, 16 * GIB).fits  # twice the tokens: 21 GiB
+
+
+def test_optimizer_state_bytes():
+    fp32 = [torch.nn.Parameter(torch.zeros(10, 10))]
+    bf16 = [torch.nn.Parameter(torch.zeros(10, 10, dtype=torch.bfloat16))]
+    assert optimizer_state_bytes(fp32, "adamw") == 800
+    assert optimizer_state_bytes(bf16, "adamw") == 400
+    assert optimizer_state_bytes(fp32, "adamw_8bit") == 200
+
+
+def test_auto_is_off_on_cpu_and_on_when_the_batch_size_is_unknown():
+    module = make_module()
+    assert decide_checkpointing(module, torch.device("cpu"), 8192)[0] is False
+    # No probe runs (it would need CUDA): without a batch bound the safe answer is on.
+    assert decide_checkpointing(module, torch.device("cuda"), None)[0] is True
+
+
+def test_checkpointing_toggles_every_layer_and_keeps_the_loss(examples):  # noqa: F811
+    module = make_module()
+    module.model.train()
+    batch = collate_rows([examples[:4], examples[4:]], 0)
+    nll, _ = module.masked_nll(batch)
+    nll.backward()
+    plain = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    set_gradient_checkpointing(module.model.get_base_model(), True)
+    assert all(layer.gradient_checkpointing for layer in layers(module))
+    module.zero_grad(set_to_none=True)
+    checkpointed, _ = module.masked_nll(batch)
+    checkpointed.backward()
+    torch.testing.assert_close(checkpointed, nll)
+    assert_grads_close({n: p.grad for n, p in module.named_parameters() if p.requires_grad}, plain)
+    set_gradient_checkpointing(module.model.get_base_model(), False)
+    assert not any(layer.gradient_checkpointing for layer in layers(module))
+
+
+def test_flex_attention_falls_back_to_sdpa_on_cpu():
+    module = make_module()
+    with pytest.warns(UserWarning, match="flex_attention needs a CUDA GPU"):
+        assert set_attention(module.model.get_base_model(), "flex_attention", torch.device("cpu")) == "sdpa"
+    assert module.model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_bf16_adapters_are_cast_and_train(examples):  # noqa: F811
+    module = make_module(lora_dtype="bfloat16", gradient_checkpointing="auto")
+    module.trainer = None
+    report = configure_for_training(module, torch.device("cpu"), max_tokens=None)
+    assert report["gradient_checkpointing"] is False and report["attn_implementation"] == "sdpa"
+    assert {p.dtype for p in module.trainable_parameters()} == {torch.bfloat16}
+    nll, _ = module.masked_nll(collate_rows([examples], 0))
+    nll.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in module.trainable_parameters())
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_same_loss_and_gradients(examples):  # noqa: F811
+    # aot_eager traces the layers through dynamo and AOTAutograd as inductor would, without generating C++.
+    module = make_module()
+    batch = collate_rows([examples[:4], examples[4:]], 0)
+    nll, _ = module.masked_nll(batch)
+    nll.backward()
+    eager = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    compile_decoder_layers(module.model.get_base_model(), backend="aot_eager")
+    module.zero_grad(set_to_none=True)
+    compiled, _ = module.masked_nll(batch)
+    compiled.backward()
+    torch.testing.assert_close(compiled, nll, rtol=1e-5, atol=1e-5)
+    assert_grads_close({n: p.grad for n, p in module.named_parameters() if p.requires_grad}, eager)
+    # Generation (samples during fit, predict) runs the compiled layers eagerly instead of recompiling them.
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    module.hparams.compile = True
+    module.eval()
+    prompt = collate_rows([examples[:1]], 0)["input_ids"]
+    [result] = module.generate(prompt, torch.ones_like(prompt), max_new_tokens=3, do_sample=False)
+    assert result["new_tokens"] >= 1 and counters["stats"]["unique_graphs"] == graphs
+
+
+def test_fit_with_the_speed_knobs_through_the_cli(tmp_path):
+    cli = run_cli(
+        "fit",
+        *demo_args(tmp_path, "--trainer.max_steps", "3", "--trainer.max_epochs", "1", "--samples.num_prompts", "0"),
+        "--data.batching=packed",
+        "--data.max_tokens_per_batch=1024",
+        "--model.gradient_checkpointing=auto",
+        "--model.lora_dtype=bfloat16",
+        "--model.loss_chunk_size=64",
+        "--model.attn_implementation=flex_attention",
+    )
+    assert cli.model.speed_settings["gradient_checkpointing"] is False  # auto on CPU
+    assert cli.model.speed_settings["attn_implementation"] == "sdpa"  # flex falls back on CPU
+    assert cli.trainer.global_step == 3 and torch.isfinite(cli.trainer.callback_metrics["loss"])
+
+
+def fake_cuda(monkeypatch, peak_of_tokens):
+    """Stand-ins for the CUDA memory calls, so the probe's plumbing runs on CPU with real forward/backward steps."""
+    state = {"peak": 0}
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * GIB, 141 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * GIB)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.zeros(1, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: None)
+    return lambda tokens: state.update(peak=peak_of_tokens(tokens))
+
+
+def test_probe_fits_a_line_through_two_measured_steps(monkeypatch):
+    record = fake_cuda(monkeypatch, lambda n: 3 * GIB + 2**20 * n)
+    sizes = []
+    fixed, per_token = probe_activation_memory(lambda n: (sizes.append(n), record(n)), torch.device("cuda"))
+    assert sizes == [512, 1024] and fixed == 3 * GIB and per_token == 2**20
+
+
+def test_estimate_memory_probes_real_steps_without_checkpointing_or_rng_use(monkeypatch):
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from lima_lightning.models.speed import estimate_memory
+
+    module = make_module(gradient_checkpointing="auto", lora_dropout=0.1)
+    set_gradient_checkpointing(module.model.get_base_model(), True)
+    module.model.eval()
+    seen = []
+    masked_nll = module.masked_nll
+
+    def spy(batch):
+        seen.append((batch["input_ids"].shape, bool((batch["labels"] == batch["input_ids"]).all())))
+        record(batch["input_ids"].numel())
+        return masked_nll(batch)
+
+    record = fake_cuda(monkeypatch, lambda n: 4 * GIB + 2**20 * n)
+    monkeypatch.setattr(module, "masked_nll", spy)
+    module.trainer = SimpleNamespace(precision_plugin=SimpleNamespace(train_step_context=nullcontext))
+    rng = torch.get_rng_state()
+    estimate = estimate_memory(module, torch.device("cpu"), max_tokens=8192)
+    assert seen == [(torch.Size([1, 512]), True), (torch.Size([1, 1024]), True)]  # every token trained: the worst case
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout masks drawn in the probe do not shift training's
+    assert all(p.grad is None for p in module.trainable_parameters()) and not module.model.training
+    assert not any(layer.gradient_checkpointing for layer in layers(module))  # measured without it
+    trainable = sum(p.numel() for p in module.trainable_parameters())
+    assert estimate.fixed_bytes == 4 * GIB and estimate.bytes_per_token == 2**20 and estimate.optimizer_bytes == 8 * trainable
+    assert estimate.budget_bytes == 105 * GIB and estimate.fits  # 4 + 8 GiB predicted, x1.15 + 1 <= 105
