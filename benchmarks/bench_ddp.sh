@@ -10,7 +10,9 @@
 #   5. bf16 LoRA 1 GPU vs 2 GPUs, only if the time budget still allows.
 # Each phase is killed (with its rank processes) after a time limit, and a failure does not stop the next one.
 # Expects .gpu/llama2-tokenizer/ and .gpu/lima/{train,test}.jsonl (copies of ../shared), like gpu_smoke.sh.
-#   bash benchmarks/bench_ddp.sh                 # STEPS=12 optimizer steps per timed run, BUDGET=340 s in all
+#   bash benchmarks/bench_ddp.sh                 # STEPS=10 optimizer steps per timed run, BUDGET=350 s in all
+# PHASES="fsdp-lora predict" runs only those (speed-qlora fsdp-qlora fsdp-lora predict speed-lora), budget or not:
+# a second call for what the first skipped.
 # CPU_REHEARSAL=1 runs the same phases on the CPU (2 gloo processes, the built-in tiny model and synthetic data,
 # FSDP skipped: it needs CUDA) to check the script itself; its timings mean nothing.
 set -uo pipefail  # keep going after a failed phase: one GPU call should report on all of them
@@ -22,16 +24,17 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-STEPS=${STEPS:-12}
-BUDGET=${BUDGET:-340}
+STEPS=${STEPS:-10}
+BUDGET=${BUDGET:-350}
 OUT=${OUT:-/tmp/out}
 RUNS=/tmp/runs-ddp-$(date +%s)
 LOGS=$OUT/bench_ddp
 mkdir -p "$LOGS"
-exec > >(tee "$LOGS/report.txt") 2>&1
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 REHEARSAL=${CPU_REHEARSAL:-0}
+command -v setsid >/dev/null || setsid() { "$@"; }  # without it a killed phase may leave its rank 1 behind
+{  # everything below also goes to $LOGS/report.txt
 [ "$REHEARSAL" = 1 ] || nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft, lightning, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__, 'bitsandbytes', b.__version__, 'GPUs', torch.cuda.device_count())"
 
@@ -42,19 +45,23 @@ run_phase() {
   shift 2
   start=$(date +%s)
   echo "== $name (limit ${limit} s, at $(elapsed) s)"
-  setsid "$@" >"$LOGS/$name.log" 2>&1 &
+  setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
   local pid=$!
-  ( sleep "$limit"; kill -KILL -- "-$pid" 2>/dev/null ) &
-  local watchdog=$!
+  while kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - start )) -lt "$limit" ]; do sleep 1; done
+  kill -KILL -- "-$pid" 2>/dev/null  # at the limit; or leftovers of a rank that outlived its parent
   wait "$pid"; rc=$?
-  kill "$watchdog" 2>/dev/null; wait "$watchdog" 2>/dev/null
-  kill -KILL -- "-$pid" 2>/dev/null  # leftovers of a rank that outlived its parent
+  PHASE_SECONDS=$(( $(date +%s) - start ))
   grep -v -i -E "warn|tip:|^\s*$|it/s\]|deprecat" "$LOGS/$name.log" | tail -n 12 | sed 's/^/  | /'
   echo "  $name: exit $rc after $(( $(date +%s) - start )) s$([ "$rc" = 137 ] && echo ' (KILLED at the limit: a hang?)')"
   return "$rc"
 }
-# fits_budget SECONDS: whether an optional phase of about that length still fits the budget.
-fits_budget() { [ $(( $(elapsed) + $1 )) -le "$BUDGET" ] || { echo "== skipped (would end at ~$(( $(elapsed) + $1 )) s > BUDGET=$BUDGET)"; return 1; }; }
+# want PHASE SECONDS: run PHASE? Named in PHASES, or (PHASES unset) it should end within the budget. The
+# estimates scale with the 2-GPU QLoRA run (UNIT: process start, two model loads, a few steps, saving).
+want() {
+  if [ -n "${PHASES:-}" ]; then [[ " $PHASES " == *" $1 "* ]]; return; fi
+  [ $(( $(elapsed) + $2 )) -le "$BUDGET" ] || { echo "== $1 skipped: would end at ~$(( $(elapsed) + $2 )) s > BUDGET=$BUDGET (run it with PHASES=$1)"; return 1; }
+}
+UNIT=90
 # gpu_memory NAME: sample both GPUs' memory every second while a phase runs (each rank must load its own base).
 gpu_memory() { nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 1000 >"$LOGS/memory-$1.csv" 2>/dev/null & echo $!; }
 stop_sampler() { [ -n "${1:-}" ] && kill "$1" 2>/dev/null; }
@@ -81,23 +88,26 @@ SMOKE=("${DATA[@]}" --trainer.devices 2 --trainer.max_steps 3 --trainer.val_chec
 FIT="python3 -m lima_lightning fit"
 
 # 1. QLoRA: 1 GPU vs 2 GPUs (DDP), same global batch (configs' length_grouped micro-batches of <= 8192 tokens).
+if want speed-qlora 0; then
 run_phase qlora-1gpu 240 $FIT --config configs/llama2-7b-qlora.yaml "${TIMED[@]}" "${ONE[@]}" --trainer.default_root_dir $RUNS/qlora-1gpu
 sampler=$(gpu_memory qlora-2gpu)
 run_phase qlora-2gpu 200 $FIT --config configs/llama2-7b-qlora.yaml "${TIMED[@]}" "${TWO[@]}" --trainer.default_root_dir $RUNS/qlora-2gpu
 stop_sampler "$sampler"
+UNIT=$PHASE_SECONDS
 print_memory qlora-2gpu
 python3 benchmarks/ddp_report.py speedup $RUNS/qlora-1gpu $RUNS/qlora-2gpu --label "QLoRA (NF4 base), 7B shape" --skip 2
+fi
 
 # 2./3. FSDP smokes: the FSDP config as shipped, on 2 GPUs, NF4 then bf16 base.
 [ "$REHEARSAL" = 1 ] && echo "== FSDP phases skipped: FSDP needs CUDA"
-if [ "$REHEARSAL" != 1 ] && fits_budget 80; then
+if [ "$REHEARSAL" != 1 ] && want fsdp-qlora $(( UNIT * 11 / 10 )); then
   sampler=$(gpu_memory fsdp-qlora)
   run_phase fsdp-qlora 170 $FIT --config configs/llama2-7b-qlora-fsdp.yaml "${SMOKE[@]}" --trainer.default_root_dir $RUNS/fsdp-qlora
   stop_sampler "$sampler"
   print_memory fsdp-qlora
   python3 benchmarks/ddp_report.py fit $RUNS/fsdp-qlora --steps 3
 fi
-if [ "$REHEARSAL" != 1 ] && fits_budget 70; then
+if [ "$REHEARSAL" != 1 ] && want fsdp-lora $(( UNIT * 9 / 10 )); then
   sampler=$(gpu_memory fsdp-lora)
   run_phase fsdp-lora 150 $FIT --config configs/llama2-7b-qlora-fsdp.yaml "${SMOKE[@]}" --model.quantization none --trainer.default_root_dir $RUNS/fsdp-lora
   stop_sampler "$sampler"
@@ -106,19 +116,21 @@ if [ "$REHEARSAL" != 1 ] && fits_budget 70; then
 fi
 
 # 4. DDP predict: each GPU answers its share of the prompts (8 each here), rank 0 writes them all.
+# Without the adapter of 1. (PHASES=predict alone), the base model answers.
 ADAPTER=$(ls -d $RUNS/qlora-2gpu/lightning_logs/version_*/adapters/final 2>/dev/null | head -1)
-if [ -n "$ADAPTER" ] && fits_budget 60; then
+if want predict $(( UNIT * 4 / 5 )); then
   run_phase predict-2gpu 120 python3 -m lima_lightning predict --config configs/llama2-7b-qlora.yaml --config configs/predict.yaml \
-    "${DATA[@]}" "${TWO[@]}" --model.adapter_path "$ADAPTER" --model.max_new_tokens 32 --data.predict_batch_size 8 \
+    "${DATA[@]}" "${TWO[@]}" ${ADAPTER:+--model.adapter_path "$ADAPTER"} --model.max_new_tokens 32 --data.predict_batch_size 8 \
     --trainer.limit_predict_batches 1 --trainer.default_root_dir $RUNS/predict-2gpu
   python3 benchmarks/ddp_report.py predict $RUNS/predict-2gpu --expect 16
   cp $RUNS/predict-2gpu/lightning_logs/version_*/predictions.jsonl "$LOGS/" 2>/dev/null
 fi
 
 # 5. bf16 LoRA: 1 GPU vs 2 GPUs, if there is time left.
-if fits_budget 150; then
+if want speed-lora $(( UNIT * 2 )); then
   run_phase lora-1gpu 150 $FIT --config configs/llama2-7b-lora.yaml "${TIMED[@]}" "${ONE[@]}" --trainer.default_root_dir $RUNS/lora-1gpu
   run_phase lora-2gpu 120 $FIT --config configs/llama2-7b-lora.yaml "${TIMED[@]}" "${TWO[@]}" --trainer.default_root_dir $RUNS/lora-2gpu
   python3 benchmarks/ddp_report.py speedup $RUNS/lora-1gpu $RUNS/lora-2gpu --label "LoRA (bf16 base), 7B shape" --skip 2
 fi
 echo "== done in $(elapsed) s; logs and this report in $LOGS"
+} 2>&1 | tee "$LOGS/report.txt"

@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.model = args.model or "tiny"
         args.max_seq_length = min(args.max_seq_length, 256)
-        args.timed_tokens = min(args.timed_tokens, 800)
+        args.timed_tokens = min(args.timed_tokens, 500)
         args.lora_r = min(args.lora_r, 8)
     if args.lima is None and not args.smoke and (SHARED / "lima" / "train.jsonl").is_file():
         args.lima = str(SHARED / "lima" / "train.jsonl")  # the smoke run uses synthetic data unless --lima is given

@@ -58,7 +58,7 @@ def speedup(args) -> int:
     tps2 = statistics.median(v for _, _, v in events(two, "train/tokens_per_sec")[args.skip :])
     ratio = t1 / t2
     print(f"== {args.label}: 1 GPU {one}  vs  2 GPUs {two}")
-    print(f"  steps logged: {len(loss1)} / {len(loss2)}; timed: steps {args.skip + 1}..{len(loss1)} (first {args.skip} skipped)")
+    print(f"  steps logged: {len(loss1)} / {len(loss2)}; timed: steps {args.skip + 2}..{len(loss1)} (the first {args.skip + 1} warm up)")
     print(f"  wall time per optimizer step: 1 GPU {t1:.3f} s, 2 GPUs {t2:.3f} s -> speedup {ratio:.2f}x (efficiency {ratio / 2:.0%})")
     print(f"  median step: 1 GPU {m1:.3f} s, 2 GPUs {m2:.3f} s -> {m1 / m2:.2f}x")
     print(f"  train/tokens_per_sec (median, all GPUs): 1 GPU {tps1:,.0f}, 2 GPUs {tps2:,.0f} -> {tps2 / tps1:.2f}x")
@@ -72,14 +72,15 @@ def speedup(args) -> int:
     print("  step   loss 1 GPU   loss 2 GPUs   rel. diff")
     worst = 0.0
     steps2 = {s: v for s, _, v in loss2}
-    for step, _, v1 in loss1[: args.rows]:
+    shown = loss1[: args.rows]
+    for step, _, v1 in shown:
         v2 = steps2.get(step, math.nan)
         rel = abs(v1 - v2) / abs(v1)
         worst = max(worst, rel) if not math.isnan(rel) else math.inf
         print(f"  {step:4d}   {v1:10.6f}   {v2:11.6f}   {rel:9.2e}")
     first = abs(loss1[0][2] - loss2[0][2]) / abs(loss1[0][2])
     ok_curve = worst < args.loss_tolerance and len(loss1) == len(loss2)
-    print(f"  first step (same weights, same batches): rel. diff {first:.2e}; worst over {args.rows} steps {worst:.2e}: "
+    print(f"  first step (same weights, same batches): rel. diff {first:.2e}; worst over {len(shown)} steps {worst:.2e}: "
           f"{'MATCH' if ok_curve else 'DIFFER'} (tolerance {args.loss_tolerance})")  # fmt: skip
     return 0 if ok_curve else 1
 

@@ -17,7 +17,7 @@ MODEL=/tmp/llama2-7b-random
 COMMON=(--model.base_model $MODEL --data.dataset .gpu/lima/train.jsonl --data.predict_dataset .gpu/lima/test.jsonl
         --trainer.max_steps 6 --trainer.val_check_interval 12 --trainer.limit_val_batches 2 --trainer.enable_progress_bar false
         --trainer.default_root_dir $RUNS --samples.max_new_tokens 16 --samples.num_prompts 2)
-for method in qlora lora; do
+for method in ${METHODS:-qlora lora}; do
   start=$(date +%s)
   python3 -m lima_lightning fit --config configs/llama2-7b-$method.yaml "${COMMON[@]}" 2>&1 | grep -v -i -E "warn|tip:" | tail -25
   echo "fit $method: $(( $(date +%s) - start )) s wall (including model load)"

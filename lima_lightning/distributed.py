@@ -4,10 +4,13 @@ What a frozen base + LoRA needs beyond what Lightning does by itself:
 
 - **Data.** `StepShardedSampler` shards the training order so that every optimizer step trains on the
   same conversations, in the same micro-batches, on any number of devices: with the same global batch
-  (devices x `data.batch_size` x `trainer.accumulate_grad_batches`), one GPU accumulating 2 micro-batches
-  and two GPUs with one each see identical batches, hence the same loss curve (to float rounding).
-  Prediction needs nothing: Lightning shards predict prompts with its `UnrepeatedDistributedSampler`
-  (no padding duplicates), and `gather_rows` brings the rows back to rank 0.
+  (devices x micro-batch x `trainer.accumulate_grad_batches`), one GPU accumulating 2 micro-batches and two
+  GPUs with one each see identical batches, hence the same loss curve (to float rounding). Every
+  `data.batching` works: `padded` deals out blocks of `data.batch_size` conversations, `length_grouped` and
+  `packed` whole batches. An epoch that does not split evenly is padded with `Masked` copies that train
+  nothing, so each conversation is trained once per epoch, as on one device (torch's DistributedSampler
+  would train some twice). Prediction needs nothing here: Lightning shards the prompts with its
+  `UnrepeatedDistributedSampler` (no repeats), and `gather_rows` brings the rows back to rank 0.
 - **Loss.** Nothing here: `LIMALoRAModule.on_before_optimizer_step` all-reduces the trained-token count, so
   the loss is a token-weighted mean over all devices (a device with more trained tokens weighs more).
 - **FSDP.** `prepare_fsdp` fills in, when the user has not set them, what `FSDPStrategy` needs for a frozen

@@ -27,18 +27,22 @@ def run_bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+# The compile and flex code paths are the same for both methods: once (LoRA) covers them at half the time.
+SMOKE_CONFIGS = [c.name for c in bench_train.CONFIGS if c.name not in ("qlora-packed-flex", "qlora-fast-compile")]
+
+
 @pytest.mark.slow
 def test_smoke_run_measures_every_configuration(tmp_path):
-    done = run_bench(tmp_path)
+    done = run_bench(tmp_path, "--configs", ",".join(SMOKE_CONFIGS))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["config"]: r for r in report["results"]}
-    assert list(rows) == [c.name for c in bench_train.CONFIGS]
+    assert list(rows) == SMOKE_CONFIGS
     for name, row in rows.items():
         assert "error" not in row and "skipped" not in row, row
-        assert row["tokens_per_s"] > 0 and 0 <= row["padding"] < 1 and row["timed_tokens"] >= 800, name
+        assert row["tokens_per_s"] > 0 and 0 <= row["padding"] < 1 and row["timed_tokens"] >= 500, name
     for config in bench_train.CONFIGS:
-        if config.path == "ours":
+        if config.path == "ours" and config.name in rows:
             assert rows[config.name]["speedup"] > 0 and rows[config.name]["reference"] == config.reference
     assert rows["qlora-plain"]["padding"] > rows["qlora-fast"]["padding"]  # length grouping pads less
     assert rows["qlora-lowmem"]["lora_dtype"] == "bfloat16" and rows["qlora-fast"]["checkpointing"] is False  # auto: off on CPU
@@ -50,16 +54,18 @@ def test_smoke_run_measures_every_configuration(tmp_path):
     assert "| config | path | batching |" in table and "loss parity, qlora" in table
 
 
-def test_time_budget_skips_what_would_overrun(tmp_path):
-    done = run_bench(tmp_path, "--time-budget", "0", "--configs", "qlora-plain,lora-fast")
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
-    assert [r["config"] for r in rows] == ["qlora-plain", "lora-fast"] and all("skipped" in r for r in rows)
+def test_time_budget_skips_what_would_overrun(tmp_path, tiny_dir):
+    # In-process: nothing heavy runs, as no model is loaded when nothing fits.
+    report = bench_train.main(["--smoke", "--time-budget", "0", "--configs", "qlora-plain,lora-fast", "--out", str(tmp_path / "b.json")])
+    assert [r["config"] for r in report["results"]] == ["qlora-plain", "lora-fast"] and all("skipped" in r for r in report["results"])
+    assert "skipped: time budget" in (tmp_path / "b.md").read_text()
 
 
-def test_unknown_configuration_is_refused(tmp_path):
-    done = run_bench(tmp_path, "--configs", "qlora-turbo")
-    assert done.returncode == 2 and "qlora-turbo" in done.stderr and "qlora-fast" in done.stderr
+def test_unknown_configuration_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.main(["--smoke", "--configs", "qlora-turbo"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "qlora-turbo" in err and "qlora-fast" in err
 
 
 def test_model_flops_of_llama2_7b_by_hand():

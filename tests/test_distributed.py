@@ -200,6 +200,29 @@ def test_token_weighting_differs_from_a_mean_of_per_rank_means(tiny_dir, tiny_to
     assert (naive - token_weighted).norm() / token_weighted.norm() > 1e-2
 
 
+def test_lightning_shards_the_longest_first_predict_order_without_repeats(tiny_dir):
+    """What Lightning does to `predict_dataloader` under DDP: its UnrepeatedDistributedSampler deals the
+    longest-first order out (rank r: positions r, r + N, ...), so each rank's prompts stay longest first,
+    ranks differ by at most one prompt, and no prompt is repeated to even them out."""
+    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
+    from lightning.pytorch.trainer.states import RunningStage
+
+    from lima_lightning.data.datamodule import LIMADataModule
+
+    data = LIMADataModule(predict_dataset="synthetic", tokenizer=str(tiny_dir), synthetic_size=230)  # 23 prompts
+    data.setup("predict")
+    loader = data.predict_dataloader()
+    lengths = [len(p["input_ids"]) for p in data.predict_dataset]
+    shares = [
+        list(_get_distributed_sampler(loader, shuffle=False, overfit_batches=0, mode=RunningStage.PREDICTING, num_replicas=3, rank=r))
+        for r in range(3)
+    ]
+    assert sorted(i for share in shares for i in share) == list(range(23))  # every prompt once
+    assert [len(share) for share in shares] == [8, 8, 7]
+    for share in shares:
+        assert [lengths[i] for i in share] == sorted((lengths[i] for i in share), reverse=True)
+
+
 # ----------------------------------------------------------------------------- training shards
 @pytest.mark.parametrize("n, block, ranks", [(39, 2, 2), (40, 4, 2), (10, 3, 4), (3, 4, 2), (7, 1, 3)])
 def test_step_blocks_give_each_round_the_next_consecutive_blocks(n, block, ranks):
