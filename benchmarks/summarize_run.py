@@ -1,6 +1,6 @@
 """Print what a run dir's TensorBoard events hold: first/last/max of each scalar, and its output files.
 
-    python benchmarks/summarize_run.py runs/demo/lightning_logs/version_0
+python benchmarks/summarize_run.py runs/demo/lightning_logs/version_0
 """
 
 from __future__ import annotations
