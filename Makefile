@@ -34,7 +34,7 @@ test: $(BIN)/.installed-dev ## run the CPU test suite
 test-gpu: $(BIN)/.installed-dev ## run the GPU tests (needs CUDA)
 	$(BIN)/python -m pytest -m gpu
 
-demo: $(BIN)/.installed ## fit the tiny model on the synthetic set on CPU (~1 min), then predict
+demo: $(BIN)/.installed ## fit the tiny model on the synthetic set on CPU (~30 s), then predict
 	$(BIN)/lima-lightning fit --config configs/demo.yaml
 	$(BIN)/lima-lightning predict --config configs/demo.yaml --model.adapter_path "$(LATEST_DEMO_ADAPTER)"
 	@echo "view the run: make tensorboard   (runs/demo/lightning_logs)"

@@ -125,17 +125,6 @@ class LIMADataModule(L.LightningDataModule):
         if too_long:
             rank_zero_warn(f"{too_long} prompts are longer than data.max_seq_length={hp.max_seq_length}; they are kept whole")
 
-    def _loader(self, examples, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(
-            examples,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            generator=generator if shuffle else None,
-            collate_fn=partial(pad_for_training, pad_id=self.tokenizer.pad_token_id),
-            num_workers=self.hparams.num_workers,
-        )
-
     def train_dataloader(self) -> DataLoader:
         # Exact resume: epoch e's order depends on (seed, e) alone, and a resumed run skips what it already trained.
         position, self._resume_position = self._resume_position, None
@@ -194,7 +183,14 @@ class LIMADataModule(L.LightningDataModule):
             self._resume_position = position
 
     def val_dataloader(self):
-        return self._loader(self.val_dataset, shuffle=False) if self.val_dataset else []
+        if not self.val_dataset:
+            return []
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.hparams.batch_size,
+            collate_fn=partial(pad_for_training, pad_id=self.tokenizer.pad_token_id),
+            num_workers=self.hparams.num_workers,
+        )
 
     def test_dataloader(self):
         return self.val_dataloader()
