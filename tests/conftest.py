@@ -51,6 +51,21 @@ def llama2_tokenizer():
     return load_tokenizer(str(LLAMA2_TOKENIZER))
 
 
+def quiet_cpu_trainer(**overrides):
+    """A real Lightning Trainer on one CPU without logger, checkpoints, progress bar or summary, unless overridden."""
+    import lightning as L
+
+    quiet = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return L.Trainer(**{**quiet, **overrides})
+
+
 def run_cli(*args: str):
     """Run `lima-lightning` in-process and return the LightningCLI (trainer, model, datamodule)."""
     from lima_lightning.cli import cli_main

@@ -14,6 +14,7 @@ from lima_lightning.callbacks import SaveAdapters
 from lima_lightning.data.collate import pad_for_training
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.module import LIMALoRAModule
+from tests.conftest import quiet_cpu_trainer
 
 
 def nf4_config(**overrides):
@@ -51,18 +52,7 @@ def qlora_fit(tmp_path_factory, tiny_dir):
         warmup_ratio=0.0,
         scheduler="constant",
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=8,
-        default_root_dir=root,
-        logger=False,
-        callbacks=[SaveAdapters(every_epoch=False)],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_cpu_trainer(max_steps=8, default_root_dir=root, callbacks=[SaveAdapters(every_epoch=False)], limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule)
     batch = pad_for_training(datamodule.train_dataset[:8], datamodule.tokenizer.pad_token_id)
     return module.eval(), root / "adapters" / "final", batch

@@ -10,6 +10,7 @@ import pytest
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.data.synthetic import synthetic_conversations
 from lima_lightning.module import LIMALoRAModule
+from tests.conftest import quiet_cpu_trainer
 
 MAX_NEW_TOKENS = 64
 
@@ -38,16 +39,7 @@ def test_item5_fitted_tiny_model_reproduces_answers_and_stops_at_eos(tmp_path, t
         do_sample=False,
         max_new_tokens=MAX_NEW_TOKENS,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=40,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_cpu_trainer(max_steps=40, limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule)
     predictions = sorted((row for batch in trainer.predict(module, datamodule=datamodule) for row in batch), key=lambda r: r["id"])
 

@@ -18,6 +18,7 @@ from lima_lightning.data.collate import pad_for_training
 from lima_lightning.data.conversations import Conversation
 from lima_lightning.data.tokenization import IGNORE_INDEX, encode_conversation
 from lima_lightning.module import LIMALoRAModule
+from tests.conftest import quiet_cpu_trainer
 
 CONVERSATIONS = [
     Conversation(("Tell me a story about a tiger.", "Once upon a time a tiger lived by a river and ate bread with a horse. " * 2)),
@@ -80,16 +81,11 @@ def test_item3_loss_equals_independent_cross_entropy_with_padding_and_mixed_leng
 
 def fit_one_step(module: LIMALoRAModule, batches: list[dict], accumulate: int, root) -> L.Trainer:
     """One optimizer step through a real Trainer over `batches` (as micro-batches, in order)."""
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_cpu_trainer(
         max_steps=1,
         accumulate_grad_batches=accumulate,
         logger=L.pytorch.loggers.CSVLogger(root),
         log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False))
@@ -139,7 +135,7 @@ def test_item3_validation_loss_is_token_weighted_over_batches(examples):
     examples, pad_id = examples
     module = make_module()
     batches = [pad_for_training(examples[:1], pad_id), pad_for_training(examples[1:], pad_id)]
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_cpu_trainer()
     (metrics,) = trainer.validate(module, dataloaders=DataLoader(batches, batch_size=None), verbose=False)
     with torch.no_grad():
         expected = reference_loss(module.model, pad_for_training(examples, pad_id))

@@ -7,13 +7,12 @@ generation: the LIMADataModule's predict dataloader, through a real `Trainer.pre
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.data.tokenization import IGNORE_INDEX
-from tests.conftest import LIMA_TRAIN, LLAMA2_TOKENIZER, needs_lima, needs_llama2_tokenizer
+from tests.conftest import LIMA_TRAIN, LLAMA2_TOKENIZER, needs_lima, needs_llama2_tokenizer, quiet_cpu_trainer
 
 pytestmark = [needs_lima, needs_llama2_tokenizer]
 
@@ -46,7 +45,7 @@ def fed_to_generation():
     patch = pytest.MonkeyPatch()
     patch.setattr(module_file, "generate", record)
     try:
-        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer = quiet_cpu_trainer()
         predictions = trainer.predict(module, datamodule=datamodule)
     finally:
         patch.undo()

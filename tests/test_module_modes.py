@@ -6,6 +6,7 @@ import lightning as L
 
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.module import LIMALoRAModule
+from tests.conftest import quiet_cpu_trainer
 
 
 class RecordTrainingModes(L.Callback):
@@ -20,17 +21,8 @@ class RecordTrainingModes(L.Callback):
 
 def test_fit_runs_every_module_in_train_mode_with_checkpointing(tiny_dir, tmp_path):
     record = RecordTrainingModes()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        limit_val_batches=1,
-        val_check_interval=1,
-        num_sanity_val_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        callbacks=[record],
+    trainer = quiet_cpu_trainer(
+        max_steps=2, limit_val_batches=1, val_check_interval=1, num_sanity_val_steps=1, default_root_dir=tmp_path, callbacks=[record]
     )
     model = LIMALoRAModule(base_model=str(tiny_dir), quantization="none", lora_r=4, gradient_checkpointing=True)
     data = LIMADataModule(dataset="synthetic", tokenizer=str(tiny_dir), synthetic_size=40, batch_size=4)
