@@ -47,11 +47,22 @@ from lima_lightning.module import LIMALoRAModule
 
 SYNTHETIC_SIZE = 80  # --smoke: the synthetic predict set is a tenth of this, 8 prompts
 
-PREDICT_CONFIGS = {  # name -> (quantization, merge_for_generation)
-    "predict, NF4 base": ("nf4", False),
-    "predict, NF4 base, merge_for_generation": ("nf4", True),
-    "predict, bf16 base": ("none", False),
-    "predict, bf16 base, merge_for_generation": ("none", True),
+
+@dataclass(frozen=True)
+class PredictConfig:
+    quantization: str  # model.quantization
+    merge: bool  # model.merge_for_generation
+    cache: str = "static"  # model.generation_cache
+    compile: bool = False  # model.compile_generation
+
+
+PREDICT_CONFIGS = {  # run in this order: the product's defaults first, so a run cut short still has them
+    "predict, bf16 base, merge": PredictConfig("none", True),
+    "predict, NF4 base, merge": PredictConfig("nf4", True),
+    "predict, NF4 base": PredictConfig("nf4", False),
+    "predict, bf16 base, merge, dynamic cache": PredictConfig("none", True, cache="dynamic"),
+    "predict, bf16 base, merge, compiled": PredictConfig("none", True, compile=True),
+    "predict, bf16 base": PredictConfig("none", False),
 }
 
 
@@ -126,6 +137,10 @@ def bench_reference(args, model_dir: str, adapter: Path, examples: list[dict], t
     model.config.use_cache = True
     load_s = time.perf_counter() - started
     kwargs = {**sampling(args), "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "use_cache": True}
+    # --reference_new_tokens < --max_new_tokens: each sequence is cut there and its time scaled up to the full
+    # limit. Decoding steps slow down as the cache grows, so the scaled time underestimates the reference.
+    kwargs["max_new_tokens"] = args.reference_new_tokens
+    scale = args.max_new_tokens / args.reference_new_tokens
     results = []
     warm_up = torch.tensor([examples[0]["input_ids"][:8]], device=device)  # CUDA context, kernels, allocator: outside the timings
     model.generate(input_ids=warm_up, attention_mask=torch.ones_like(warm_up), **{**kwargs, "max_new_tokens": 2})
@@ -145,14 +160,14 @@ def bench_reference(args, model_dir: str, adapter: Path, examples: list[dict], t
         completion = describe_completion(output[0, input_ids.shape[1] :].tolist(), tokenizer)
         new_tokens += completion["new_tokens"]
         eos += completion["finish_reason"] == "eos"
-    estimated = generate_s / len(sample) * len(examples)
+    estimated = generate_s / len(sample) * len(examples) * scale
     results.append(Result("reference, batch 1", len(sample), generate_s, new_tokens, eos, estimated, load_s, peak_memory(device)))
     print(f"  {results[-1].config}: {generate_s:.1f} s for {len(sample)} prompts", flush=True)
 
     # Batched, in input order, the first --batches batches.
     generate_s, new_tokens, eos, timed = 0.0, 0, 0, 0
-    for b in range(args.batches):
-        chunk = examples[b * args.batch_size : (b + 1) * args.batch_size]
+    for b in range(args.reference_batches):
+        chunk = examples[b * args.reference_batch_size : (b + 1) * args.reference_batch_size]
         if not chunk:
             break
         batch = pad_for_generation(chunk, tokenizer.pad_token_id)
@@ -168,7 +183,7 @@ def bench_reference(args, model_dir: str, adapter: Path, examples: list[dict], t
             new_tokens += completion["new_tokens"]
             eos += completion["finish_reason"] == "eos"
         timed += len(chunk)
-    estimated = generate_s / args.batches * math.ceil(len(examples) / args.batch_size)
+    estimated = generate_s / args.reference_batches * math.ceil(len(examples) / args.reference_batch_size) * scale
     results.append(Result("reference, batched", timed, generate_s, new_tokens, eos, estimated, load_s, peak_memory(device)))
     print(f"  {results[-1].config}: {generate_s:.1f} s for {timed} prompts", flush=True)
     del model
@@ -195,13 +210,15 @@ class BatchTimer(L.Callback):
 
 def bench_predict(args, name: str, model_dir: str, adapter: Path, prompts: str, n_prompts: int, device) -> Result:
     """`lima-lightning predict` without the CLI: the same module, data module and Trainer.predict."""
-    quantization, merge = PREDICT_CONFIGS[name]
+    config = PREDICT_CONFIGS[name]
     free(device)
     module = LIMALoRAModule(
         base_model=model_dir,
-        quantization=quantization,
+        quantization=config.quantization,
         adapter_path=str(adapter),
-        merge_for_generation=merge,
+        merge_for_generation=config.merge,
+        generation_cache=config.cache,
+        compile_generation=config.compile,
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
         temperature=args.temperature,
@@ -216,7 +233,7 @@ def bench_predict(args, name: str, model_dir: str, adapter: Path, prompts: str, 
         precision="bf16-mixed" if device.type == "cuda" else "32-true",  # as the 7B configs / the demo
         logger=False,
         callbacks=[timer],
-        limit_predict_batches=args.batches,
+        limit_predict_batches=args.batches or None,  # 0: every batch, nothing extrapolated
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -258,10 +275,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top_p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=32, help="prompts per batch (data.predict_batch_size in configs/predict.yaml)")
-    parser.add_argument("--batches", type=int, default=1, help="batches timed per batched configuration")
+    parser.add_argument(
+        "--batch_size", type=int, default=300, help="prompts per predict batch (data.predict_batch_size in configs/predict.yaml)"
+    )
+    parser.add_argument("--batches", type=int, default=0, help="predict batches timed (0: all, nothing extrapolated)")
     parser.add_argument(
         "--reference_prompts", type=int, default=1, help="prompts timed one at a time for the batch-1 reference (~80 s each on an H200)"
+    )
+    parser.add_argument("--reference_batch_size", type=int, default=32, help="prompts per batch of the batched reference")
+    parser.add_argument("--reference_batches", type=int, default=1, help="batches timed for the batched reference")
+    parser.add_argument(
+        "--reference_new_tokens", type=int, help="new tokens per reference sequence (default: --max_new_tokens); time scaled to the limit"
     )
     parser.add_argument("--lora_r", type=int, default=64)
     parser.add_argument("--lora_alpha", type=int, default=16)
@@ -273,9 +297,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.model = args.model or "tiny"
         args.prompts = args.prompts or "synthetic"
-        args.max_new_tokens, args.batch_size, args.reference_prompts, args.lora_r = 4, 2, 1, 8
+        args.max_new_tokens, args.batch_size, args.reference_batch_size, args.reference_prompts, args.lora_r = 4, 2, 2, 1, 8
     elif not args.model or not args.prompts:
         parser.error("--model and --prompts are required (or --smoke)")
+    args.reference_new_tokens = min(args.reference_new_tokens or args.max_new_tokens, args.max_new_tokens)
     return args
 
 
@@ -298,19 +323,32 @@ def main(argv: list[str] | None = None) -> list[Result]:
         flush=True,
     )
     results = bench_reference(args, model_dir, adapter, examples, tokenizer, device)
+    report(args, results, len(examples), gpu)
     for name in args.configs:
-        results.append(bench_predict(args, name, model_dir, adapter, args.prompts, len(examples), device))
+        try:
+            results.append(bench_predict(args, name, model_dir, adapter, args.prompts, len(examples), device))
+        except Exception as error:  # one failing configuration (a compile error, say) must not lose the others
+            if args.smoke:
+                raise
+            print(f"  {name}: FAILED: {type(error).__name__}: {str(error)[:300]}", flush=True)
+        report(args, results, len(examples), gpu)
+    return results
+
+
+def report(args, results: list[Result], n_prompts: int, gpu: str) -> None:
+    """Print the table and rewrite --out: called after every configuration, so a run cut short keeps its rows."""
     print()
-    print(table(results, len(examples)))
+    print(table(results, n_prompts))
     print(
-        f"\ngen s: wall time of the timed prompts; est.: extrapolated to all {len(examples)} prompts (batch 1: per prompt; batched: per "
-        f"batch of {args.batch_size}); vs ref: est. time of 'reference, batch 1' / est. time. A random-weight model rarely emits EOS "
-        "(column EOS), so sequences run to the limit: the worst case."
+        f"\ngen s: wall time of the timed prompts; est.: extrapolated to all {n_prompts} prompts (batch 1: per prompt; batched: per "
+        f"batch; reference rows: scaled from {args.reference_new_tokens} to {args.max_new_tokens} new tokens per sequence); vs ref: "
+        "est. time of 'reference, batch 1' / est. time. A random-weight model rarely emits EOS (column EOS), so sequences run to "
+        "the limit: the worst case.",
+        flush=True,
     )
     if args.out:
         rows = [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in results]
         Path(args.out).write_text(json.dumps({"args": vars(args), "device": gpu, "results": rows}, indent=2))
-    return results
 
 
 if __name__ == "__main__":

@@ -1,10 +1,18 @@
-"""Batched generation with the KV cache; each sequence stops at its own EOS."""
+"""Batched generation with the KV cache; each sequence stops at its own EOS.
+
+A predict batch may hold more prompts than the GPU can keep KV caches for: it is generated in chunks of
+rows whose caches fit (`rows_per_chunk`), computed from the device's total memory and what is allocated
+before generation, so the same setup always splits the same way (and the same seed gives the same samples).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+GENERATION_MEMORY_FRACTION = 0.9  # of the GPU's total memory; the rest is the allocator's and the CUDA context's slack
 
 
 @dataclass(frozen=True)
@@ -13,24 +21,77 @@ class GenerationSettings:
     do_sample: bool = True
     temperature: float = 0.8
     top_p: float = 0.9
+    # `static`: the KV cache of the whole chunk is allocated once (prompt + max_new_tokens per row); `dynamic`
+    # grows it every step by copying it, which costs more memory traffic the larger the batch.
+    cache: Literal["dynamic", "static"] = "static"
+    compile: bool = False  # torch.compile the decoding step (CUDA graphs); needs the static cache
+
+
+def kv_cache_bytes_per_token(config, dtype_bytes: int) -> int:
+    """Bytes of keys and values one token keeps in the cache, over all layers."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def generation_bytes_per_row(config, prompt_len: int, max_new_tokens: int, dtype_bytes: int) -> int:
+    """Upper bound of one row's memory: its KV cache at full length, its prefill activations, its logits."""
+    cache = kv_cache_bytes_per_token(config, dtype_bytes) * (prompt_len + max_new_tokens)
+    intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
+    prefill = prompt_len * dtype_bytes * (4 * config.hidden_size + 3 * intermediate)
+    logits = 4 * 4 * config.vocab_size  # fp32 logits and the sampler's sorted copies, one position per row
+    return cache + prefill + logits
+
+
+def rows_per_chunk(config, rows: int, prompt_len: int, max_new_tokens: int, dtype_bytes: int, budget_bytes: int | None) -> int:
+    """How many rows to generate together: all of them unless their caches would not fit `budget_bytes`."""
+    if budget_bytes is None:
+        return rows
+    fit = budget_bytes // generation_bytes_per_row(config, prompt_len, max_new_tokens, dtype_bytes)
+    if fit < 1:
+        raise torch.cuda.OutOfMemoryError(
+            f"generation: one prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} needs more memory than is "
+            f"free ({budget_bytes / 2**30:.1f} GiB); lower model.max_new_tokens or data.max_seq_length"
+        )
+    return int(min(rows, fit))
+
+
+def generation_memory_budget(device: torch.device) -> int | None:
+    """Bytes generation may use on `device`: a fixed share of its total memory minus what is allocated now.
+
+    Total rather than free memory, so the chunking (and with it the samples) does not depend on what other
+    processes hold. None on CPU: host memory is not planned for.
+    """
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(0, int(total * GENERATION_MEMORY_FRACTION) - torch.cuda.memory_allocated(device))
 
 
 @torch.no_grad()
 def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: GenerationSettings) -> list[dict]:
     """Generate for a left-padded (B, T) batch; return response text, finish reason and new-token count per row."""
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=settings.do_sample,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        **sampling,
-    )
-    new_tokens = output[:, input_ids.shape[1] :].tolist()
-    return [describe_completion(row, tokenizer) for row in new_tokens]
+    cache = "static" if settings.compile else settings.cache
+    dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+    budget = generation_memory_budget(input_ids.device)
+    chunk = rows_per_chunk(model.config, len(input_ids), input_ids.shape[1], settings.max_new_tokens, dtype_bytes, budget)
+    results = []
+    for start in range(0, len(input_ids), chunk):
+        output = model.generate(
+            input_ids=input_ids[start : start + chunk],
+            attention_mask=attention_mask[start : start + chunk],
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=settings.do_sample,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            cache_implementation=cache,
+            disable_compile=not settings.compile,  # transformers compiles static-cache decoding on CUDA by itself
+            **sampling,
+        )
+        results += [describe_completion(row, tokenizer) for row in output[:, input_ids.shape[1] :].tolist()]
+    return results
 
 
 def describe_completion(new_ids: list[int], tokenizer) -> dict:

@@ -53,6 +53,8 @@ class LIMALoRAModule(L.LightningModule):
         top_p: float = 0.9,
         seed: int = 0,
         merge_for_generation: bool = False,
+        generation_cache: Literal["dynamic", "static"] = "static",
+        compile_generation: bool = False,
         trust_remote_code: bool = False,
     ) -> None:
         """
@@ -93,6 +95,12 @@ class LIMALoRAModule(L.LightningModule):
                 NF4 base is dequantized first, as `lima-lightning export` does) and generate with that. Much
                 faster with an NF4 base, whose 4-bit matmuls are slow to generate with; needs the bf16 base's
                 memory (~13 GB for 7B). Logits match the unmerged model to bf16 rounding, so samples can differ.
+            generation_cache: KV cache for generation. `static`: allocated once per chunk of prompts (prompt +
+                max_new_tokens per row), no copying while decoding; `dynamic`: grows (and is copied) every step.
+                Either way a predict batch is generated in as few chunks as fit the GPU's memory.
+            compile_generation: torch.compile the decoding step with CUDA graphs (static cache; CUDA only, a bf16
+                base or merge_for_generation: an NF4 base decodes uncompiled). The first batch compiles (about a
+                minute for 7B); worth it for large prompt sets, and best with one large predict batch.
             trust_remote_code: Run model code shipped in the base model's repository. Off: only
                 turn it on for repositories you trust.
         """
@@ -115,7 +123,7 @@ class LIMALoRAModule(L.LightningModule):
             problems.append(f"model.loss_chunk_size={loss_chunk_size}: must be >= 0 (0: no chunking), e.g. 1024")
         if problems:
             raise UserError("; ".join(problems))
-        self.generation = GenerationSettings(max_new_tokens, do_sample, temperature, top_p)
+        self.generation = GenerationSettings(max_new_tokens, do_sample, temperature, top_p, generation_cache, compile_generation)
         self.model = None
         self.tokenizer = None
         # Checkpoints hold only the adapter (see on_save_checkpoint); the frozen base is reloaded.
@@ -326,8 +334,10 @@ class LIMALoRAModule(L.LightningModule):
     # ----------------------------------------------------------------------------- generation
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **overrides) -> list[dict]:
         settings = GenerationSettings(**{**vars(self.generation), **overrides})
-        # model.compile compiles the layers for training batches; decoding with a KV cache would recompile them.
-        eager = torch.compiler.set_stance("force_eager") if self.hparams.compile else contextlib.nullcontext()
+        # model.compile compiles the layers for training batches; decoding with a KV cache would recompile them
+        # (compile_generation compiles the whole decoding step instead).
+        layers_eager = self.hparams.compile and not settings.compile
+        eager = torch.compiler.set_stance("force_eager") if layers_eager else contextlib.nullcontext()
         with eager:
             return generate(self.model, self.tokenizer, input_ids.to(self.device), attention_mask.to(self.device), settings)
 

@@ -121,3 +121,70 @@ def test_merge_for_generation_dequantizes_an_nf4_base(adapter, tiny_dir):
         expected = reference(input_ids=input_ids).logits.float()
         got = merged(input_ids=input_ids).logits.float()
     torch.testing.assert_close(got, expected, atol=0.02 * expected.abs().max().item(), rtol=0)
+
+
+def left_padded_prompts(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Five prompts of different lengths, left-padded as the predict loader pads them (longest first)."""
+    generator = torch.Generator().manual_seed(1)
+    lengths = [9, 7, 6, 4, 2]
+    input_ids = torch.full((5, 9), tokenizer.pad_token_id)
+    for row, length in enumerate(lengths):
+        input_ids[row, 9 - length :] = torch.randint(3, 300, (length,), generator=generator)
+    return input_ids, (input_ids != tokenizer.pad_token_id).long()
+
+
+@pytest.fixture(scope="module")
+def greedy_model(tiny_dir):
+    # A random adapter (B not zero) on the tiny base, so the adapter takes part in every step.
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(str(tiny_dir), "none", torch.device("cpu")), 8, 16, 0.0, ["q_proj", "v_proj"]).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    return model
+
+
+def test_static_and_dynamic_cache_give_the_same_greedy_answers(greedy_model, tiny_tokenizer):
+    input_ids, attention_mask = left_padded_prompts(tiny_tokenizer)
+    answers = {
+        cache: generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, GenerationSettings(12, do_sample=False, cache=cache))
+        for cache in ("static", "dynamic")
+    }
+    assert answers["static"] == answers["dynamic"]
+    assert len({a["response"] for a in answers["static"]}) > 1  # the prompts do lead to different answers
+
+
+def test_a_batch_larger_than_memory_is_generated_in_chunks_with_the_same_answers(greedy_model, tiny_tokenizer, monkeypatch):
+    import lima_lightning.generation as generation
+
+    input_ids, attention_mask = left_padded_prompts(tiny_tokenizer)
+    settings = GenerationSettings(12, do_sample=False)
+    whole = generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, settings)
+    calls = []
+    original = greedy_model.generate
+    monkeypatch.setattr(greedy_model, "generate", lambda **kw: calls.append(len(kw["input_ids"])) or original(**kw))
+    # A budget of two rows' worth of memory: the five prompts go as 2 + 2 + 1.
+    per_row = generation.generation_bytes_per_row(greedy_model.config, 9, 12, dtype_bytes=4)
+    monkeypatch.setattr(generation, "generation_memory_budget", lambda device: 2 * per_row + per_row // 2)
+    chunked = generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, settings)
+    assert calls == [2, 2, 1]
+    assert chunked == whole
+
+
+def test_rows_per_chunk_for_llama2_7b_by_hand():
+    from types import SimpleNamespace
+
+    from lima_lightning.generation import kv_cache_bytes_per_token, rows_per_chunk
+
+    llama2_7b = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=32,
+                                intermediate_size=11008, vocab_size=32000)  # fmt: skip
+    # keys + values, 32 layers, 32 heads of 128, bf16: 512 KiB per token.
+    assert kv_cache_bytes_per_token(llama2_7b, 2) == 2 * 32 * 32 * 128 * 2 == 512 * 1024
+    # A 216-token prompt + 500 new tokens: 716 x 512 KiB = 358 MiB of cache, plus prefill activations and logits.
+    per_row = 716 * 512 * 1024 + 216 * 2 * (4 * 4096 + 3 * 11008) + 16 * 32000
+    assert rows_per_chunk(llama2_7b, 300, 216, 500, 2, budget_bytes=100 * per_row + 1) == 100
+    assert rows_per_chunk(llama2_7b, 300, 216, 500, 2, budget_bytes=None) == 300  # CPU: not planned
+    assert rows_per_chunk(llama2_7b, 30, 216, 500, 2, budget_bytes=100 * per_row) == 30
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="model.max_new_tokens"):
+        rows_per_chunk(llama2_7b, 300, 216, 500, 2, budget_bytes=per_row - 1)
