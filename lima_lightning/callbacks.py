@@ -34,10 +34,35 @@ def save_adapter(pl_module, target: Path, state_dict: dict | None = None) -> Pat
     """
 
     def write(tmp: Path) -> None:
-        pl_module.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+        if state_dict is None:
+            pl_module.model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            write_gathered_adapter(pl_module.model, state_dict, tmp)
         pl_module.tokenizer.save_pretrained(tmp)
 
     return write_dir_atomically(target, write)
+
+
+def write_gathered_adapter(peft_model, state_dict: dict, directory: Path) -> None:
+    """Weights gathered from FSDP shards, written in the layout `save_pretrained` writes.
+
+    Not `save_pretrained(state_dict=...)`: peft 0.21 picks the adapter's entries by the names of the model's LoRA
+    modules, which FSDP's unit and checkpoint wrappers change (`..._checkpoint_wrapped_module.mlp...`), so it kept
+    none of the (clean) gathered names and wrote an empty adapter. What is left to do is what PEFT does for LoRA:
+    drop the adapter name from each key, and save the adapter's config as an inference config.
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    adapter = peft_model.active_adapter
+    tensors = {key.replace(f".{adapter}.", "."): tensor.detach().contiguous() for key, tensor in state_dict.items()}
+    if not any(f".{adapter}." in key for key in state_dict):
+        raise ValueError(f"no weights of adapter {adapter!r} among the {len(state_dict)} gathered entries; nothing to save")
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(peft_model.peft_config[adapter])
+    config.inference_mode = True
+    config.save_pretrained(str(directory))
 
 
 def save_adapter_once(trainer, pl_module, name: str) -> Path | None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 GENERATION_MEMORY_FRACTION = 0.9  # of the GPU's total memory; the rest is the allocator's and the CUDA context's slack
 
@@ -76,6 +77,11 @@ def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Te
     dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
     budget = generation_memory_budget(input_ids.device)
     chunk = rows_per_chunk(model.config, len(input_ids), input_ids.shape[1], settings.max_new_tokens, dtype_bytes, budget)
+    if chunk < len(input_ids):
+        rank_zero_info(
+            f"generation: {len(input_ids)} prompts in chunks of {chunk}: their KV caches would not fit the "
+            f"{budget / 2**30:.1f} GiB left for generation together"
+        )
     results = []
     for start in range(0, len(input_ids), chunk):
         output = model.generate(

@@ -87,6 +87,33 @@ def test_length_grouped_batches_hold_similar_lengths():
         assert len(batch) * widths[0] <= 2048
 
 
+def test_one_optimizer_steps_micro_batches_are_neighbours_of_the_plan():
+    """step_group=2 (2 GPUs, or 1 GPU accumulating 2): each step's two batches are plan neighbours, so under DDP
+    neither rank waits long for the other; the epoch is still every batch once, in a new order per epoch."""
+    lengths = random_lengths(600)
+    plan = length_grouped_batches(lengths, 2048, seed=0)
+    grouped = TokenBudgetSampler(lengths, "length_grouped", 2048, 512, seed=0, step_group=2)
+    ungrouped = TokenBudgetSampler(lengths, "length_grouped", 2048, 512, seed=0)
+
+    def cost(batch) -> int:  # what a step waits for: rows x width, plus attention's square term
+        width = lengths[batch[0][0]]
+        return len(batch) * width * (1 + width // 256)
+
+    def waiting(batches) -> float:  # share of device time spent waiting for the slower rank of each step
+        steps = [batches[k : k + 2] for k in range(0, len(batches) - 1, 2)]
+        return sum(abs(cost(a) - cost(b)) for a, b in steps) / sum(2 * max(cost(a), cost(b)) for a, b in steps)
+
+    for epoch in (0, 1):
+        batches = grouped.batches(epoch)
+        assert sorted(map(str, batches)) == sorted(map(str, plan))
+        position = {str(batch): i for i, batch in enumerate(plan)}
+        for k in range(0, len(batches) - 1, 2):
+            first, second = position[str(batches[k])], position[str(batches[k + 1])]
+            assert first % 2 == 0 and second == first + 1, (epoch, k)
+        assert waiting(batches) < waiting(ungrouped.batches(epoch)) / 3
+    assert grouped.batches(0) != grouped.batches(1)
+
+
 def test_first_fit_decreasing_fills_rows():
     lengths = random_lengths()
     rows = pack_rows(lengths, 512, seed=0)

@@ -271,7 +271,7 @@ def test_masked_padding_trains_nothing():
     assert all(label == IGNORE_INDEX for row in rows[Masked(7)] for e in row for label in e["labels"])
 
 
-def _datamodule(tiny_dir, batching: str, batch_size: int, ranks: int, rank: int):
+def _datamodule(tiny_dir, batching: str, batch_size: int, ranks: int, rank: int, accumulate: int = 1):
     from lima_lightning.data.datamodule import LIMADataModule
 
     data = LIMADataModule(
@@ -279,7 +279,7 @@ def _datamodule(tiny_dir, batching: str, batch_size: int, ranks: int, rank: int)
         max_seq_length=256, max_tokens_per_batch=512, val_fraction=0.05,
     )  # fmt: skip
     data.setup("fit")
-    data.trainer = SimpleNamespace(world_size=ranks, global_rank=rank) if ranks > 1 else None
+    data.trainer = SimpleNamespace(world_size=ranks, global_rank=rank, accumulate_grad_batches=accumulate)
     return data
 
 
@@ -300,7 +300,7 @@ def test_each_rank_trains_the_micro_batch_one_device_takes_while_accumulating(ti
     losses, padding and work per step are the same; in the last, partial round the same examples are split
     evenly instead (what lets every rank run the same number of steps)."""
     ranks = 2
-    one = _datamodule(tiny_dir, batching, 2, 1, 0)
+    one = _datamodule(tiny_dir, batching, 2, 1, 0, accumulate=ranks)
     shards = [_datamodule(tiny_dir, batching, 2, ranks, r) for r in range(ranks)]
     for epoch in (0, 1):
         single = one.train_dataloader()
@@ -430,27 +430,47 @@ def test_gradient_norm_adds_the_shards_of_all_ranks_under_fsdp():
 
 
 def test_adapter_saved_from_gathered_weights_equals_the_direct_save(tiny_dir, tmp_path):
-    """Under FSDP the adapter is written from the full state dict (LightningModule names); the same keys taken
-    from an unsharded module must give the adapter PEFT writes by itself."""
+    """Under FSDP the adapter is written from the full state dict (LightningModule names), while the decoder
+    layers sit inside FSDP's checkpoint wrappers; it must equal the adapter PEFT writes for the plain model, and
+    reload in plain PEFT. (On the H200, peft 0.21's save_pretrained(state_dict=...) wrote an empty adapter there.)"""
+    from peft import PeftModel
     from safetensors.torch import load_file
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers import AutoModelForCausalLM
 
     from lima_lightning.callbacks import save_adapter
-    from lima_lightning.distributed import adapter_state_from_full
+    from lima_lightning.distributed import adapter_state_from_full, decoder_layer_classes
     from lima_lightning.module import LIMALoRAModule
 
     module = LIMALoRAModule(base_model=str(tiny_dir), quantization="none", lora_r=4)
     module.configure_model()
+    torch.manual_seed(0)
     for name, p in module.model.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(p)
+            torch.nn.init.normal_(p, std=0.1)
     names = module.trainable_parameter_names()
     assert names and all(n.startswith("model.") and "lora_" in n for n in names)
-    state = adapter_state_from_full(module.state_dict(), names)
-    direct = load_file(save_adapter(module, tmp_path / "direct") / "adapter_model.safetensors")
-    gathered = load_file(save_adapter(module, tmp_path / "gathered", state) / "adapter_model.safetensors")
-    assert direct.keys() == gathered.keys() and direct
+    direct_dir = save_adapter(module, tmp_path / "direct")
+    # What FSDP's activation checkpointing does to the module tree: each decoder layer gets a wrapper.
+    layers = decoder_layer_classes(module.model.get_base_model())
+    apply_activation_checkpointing(module, check_fn=lambda m: isinstance(m, layers))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in module.named_modules())
+    state = adapter_state_from_full(module.state_dict(), names)  # the state dict hooks give clean names
+    assert len(state) == len(names)
+    gathered_dir = save_adapter(module, tmp_path / "gathered", state)
+    direct, gathered = load_file(direct_dir / "adapter_model.safetensors"), load_file(gathered_dir / "adapter_model.safetensors")
+    assert direct.keys() == gathered.keys() and len(direct) == len(names)
     for key in direct:
         torch.testing.assert_close(gathered[key], direct[key], rtol=0, atol=0)
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in (gathered_dir, direct_dir)]
+    for config in configs:  # a set in PEFT, written in hash order
+        config["target_modules"] = sorted(config["target_modules"])
+    assert configs[0] == configs[1]
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), gathered_dir)
+    ids = torch.tensor([[1, 40, 41, 42]])
+    with torch.no_grad():
+        expected = module.model.eval()(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 def test_wrapper_prefixes_are_dropped_from_parameter_names():

@@ -20,9 +20,11 @@ either: under causal attention no real token can see the padding after it.
 Batches (length_grouped) and rows (packed) are made once from the lengths, so every epoch has the same
 number of batches (Lightning reads `len(dataloader)` once per fit). The order of an epoch is a pure function
 of (seed, epoch): `set_epoch` chooses it, so a resumed run can rebuild an epoch and skip what it consumed.
-Which conversations share a batch is fixed across epochs; which batches share an optimizer step
-(`accumulate_grad_batches`) and the order they come in change every epoch. Conversations in one micro-batch
-never interact (separate rows or blocked attention), so membership only matters through that grouping.
+Which conversations share a batch is fixed across epochs; the order of the batches changes every epoch.
+Conversations in one micro-batch never interact (separate rows or blocked attention), so membership only
+matters through which batches share an optimizer step. length_grouped batches are shuffled in groups of
+`step_group` neighbours of the plan (the micro-batches of one optimizer step: devices x accumulate): one
+step's micro-batches then have similar widths and cost, so under DDP no rank waits long for a slower one.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class TokenBudgetSampler(Sampler[Batch]):
         max_tokens: int,
         row_tokens: int,
         seed: int,
+        step_group: int = 1,
     ) -> None:
         """
         Args:
@@ -106,10 +109,13 @@ class TokenBudgetSampler(Sampler[Batch]):
             max_tokens: Token budget of a micro-batch: rows x row width never exceeds it.
             row_tokens: Longest row (`max_seq_length`); `packed` fills rows up to it.
             seed: Seed of the plan and of every epoch's order.
+            step_group: Micro-batches per optimizer step over all devices (world size x accumulate_grad_batches);
+                length_grouped batches are shuffled in groups of this many neighbours of the plan.
         """
         self.lengths = list(lengths)
         self.batching = batching
         self.seed = seed
+        self.step_group = max(1, step_group)
         self.epoch = 0
         if batching == "length_grouped":
             self.units: list = length_grouped_batches(self.lengths, max_tokens, seed)
@@ -126,10 +132,15 @@ class TokenBudgetSampler(Sampler[Batch]):
 
     def batches(self, epoch: int) -> list[Batch]:
         """The whole epoch's batches, in order: a pure function of (plan, seed, epoch)."""
+        if self.batching == "length_grouped":
+            # The plan is longest first, so neighbours are batches of similar width and cost.
+            # A partial last group stays last, so that every step after it still starts a group.
+            full = len(self.units) - len(self.units) % self.step_group
+            groups = [self.units[k : k + self.step_group] for k in range(0, full, self.step_group)]
+            _rng(self.seed, epoch).shuffle(groups)
+            return [batch for group in groups for batch in group] + self.units[full:]
         order = list(range(len(self.units)))
         _rng(self.seed, epoch).shuffle(order)
-        if self.batching == "length_grouped":
-            return [self.units[i] for i in order]
         rows = [self.units[i] for i in order]
         return [rows[k : k + self.rows_per_batch] for k in range(0, len(rows), self.rows_per_batch)]
 

@@ -156,7 +156,9 @@ class LIMADataModule(L.LightningDataModule):
     def _token_budget_sampler(self) -> TokenBudgetSampler:
         hp = self.hparams
         lengths = [len(e["input_ids"]) for e in self.train_dataset]
-        return TokenBudgetSampler(lengths, hp.batching, hp.max_tokens_per_batch, hp.max_seq_length, hp.seed)
+        trainer = self.trainer
+        step_group = trainer.world_size * trainer.accumulate_grad_batches if trainer is not None else 1
+        return TokenBudgetSampler(lengths, hp.batching, hp.max_tokens_per_batch, hp.max_seq_length, hp.seed, step_group)
 
     @property
     def max_batch_tokens(self) -> int | None:
