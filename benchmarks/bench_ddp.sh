@@ -6,7 +6,7 @@
 #      loss curves side by side (they must match to bf16 rounding: LoRA dropout is off so both draw nothing).
 #   2. FSDP QLoRA smoke (configs/llama2-7b-qlora-fsdp.yaml): a few steps, validation, adapter gathered and saved.
 #   3. FSDP bf16 LoRA smoke: the same with --model.quantization none.
-#   4. DDP predict on 2 GPUs with the adapter of 1.: one predictions.jsonl, each prompt once, in input order.
+#   4. DDP predict on 2 GPUs with the adapter of 1.: one predictions.jsonl, each of the 300 prompts once, in input order.
 #   5. bf16 LoRA 1 GPU vs 2 GPUs, only if the time budget still allows.
 # Each phase is killed (with its rank processes) after a time limit, and a failure does not stop the next one.
 # Expects .gpu/llama2-tokenizer/ and .gpu/lima/{train,test}.jsonl (copies of ../shared), like gpu_smoke.sh.
@@ -115,14 +115,15 @@ if [ "$REHEARSAL" != 1 ] && want fsdp-lora $(( UNIT * 9 / 10 )); then
   python3 benchmarks/ddp_report.py fit $RUNS/fsdp-lora --steps 3
 fi
 
-# 4. DDP predict: each GPU answers its share of the prompts (8 each here), rank 0 writes them all.
+# 4. DDP predict: each GPU answers its half of LIMA's 300 test prompts (32 new tokens each), rank 0 writes them all.
+# (Not --trainer.limit_predict_batches 1: jsonargparse reads that as the float 1.0, i.e. every batch.)
 # Without the adapter of 1. (PHASES=predict alone), the base model answers.
 ADAPTER=$(ls -d $RUNS/qlora-2gpu/lightning_logs/version_*/adapters/final 2>/dev/null | head -1)
 if want predict $(( UNIT * 4 / 5 )); then
   run_phase predict-2gpu 120 python3 -m lima_lightning predict --config configs/llama2-7b-qlora.yaml --config configs/predict.yaml \
-    "${DATA[@]}" "${TWO[@]}" ${ADAPTER:+--model.adapter_path "$ADAPTER"} --model.max_new_tokens 32 --data.predict_batch_size 8 \
-    --trainer.limit_predict_batches 1 --trainer.default_root_dir $RUNS/predict-2gpu
-  python3 benchmarks/ddp_report.py predict $RUNS/predict-2gpu --expect 16
+    "${DATA[@]}" "${TWO[@]}" ${ADAPTER:+--model.adapter_path "$ADAPTER"} --model.max_new_tokens 32 \
+    --trainer.default_root_dir $RUNS/predict-2gpu
+  python3 benchmarks/ddp_report.py predict $RUNS/predict-2gpu --expect "$([ "$REHEARSAL" = 1 ] && echo 40 || echo 300)"  # synthetic: 400 / 10
   cp $RUNS/predict-2gpu/lightning_logs/version_*/predictions.jsonl "$LOGS/" 2>/dev/null
 fi
 

@@ -13,6 +13,7 @@ Merging onto the original bf16 base instead would shift every projection by the 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from pathlib import Path
 from typing import Literal
@@ -58,6 +59,9 @@ def merge_into_base(base, adapter_path: str | None, base_name: str, dtype: torch
 
     if getattr(base, "is_loaded_in_4bit", False):
         base = dequantize_nf4(base, dtype)
+        # The replaced 4-bit weights sit in reference cycles: without a collection they stay allocated (3.1 GiB
+        # for 7B, measured on the H200) and shrink what generation can use for KV caches.
+        gc.collect()
     model = base.to(dtype)
     if adapter_path:
         # safe_merge checks the merged weights for NaN/inf before replacing the originals.

@@ -114,3 +114,27 @@ def test_export_errors_name_the_fix(tmp_path, tiny_dir, capsys):
     with pytest.raises(UserError, match="does not hold an exported model"):
         export_main(["--adapter_path", str(adapter), "--out", str(tmp_path / "busy"), "--quantization", "none"])
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_merging_frees_the_nf4_weights_at_once(tiny_dir):
+    """The replaced 4-bit weights sit in reference cycles; left to the next automatic collection they stayed
+    allocated on the H200 (3.1 GiB for 7B), so predict's merged model got less KV-cache memory and split its
+    300 prompts into two chunks (36.7 s instead of 24.1 s)."""
+    import gc
+    import weakref
+
+    import bitsandbytes as bnb
+
+    from lima_lightning.export import merge_into_base
+
+    base = load_base_model(str(tiny_dir), "nf4", torch.device("cpu"))
+    nf4_weights = [weakref.ref(m.weight) for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert nf4_weights
+    gc.disable()  # only the collection merge_into_base runs itself may free them
+    try:
+        merged = merge_into_base(base, None, "tiny", torch.float32)
+        del base
+        assert [w for w in nf4_weights if w() is not None] == []
+    finally:
+        gc.enable()
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
