@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -48,6 +49,30 @@ def dequantize_nf4(model, dtype: torch.dtype):
             # bnb repacks CPU weights at the first eval forward; dequantize_4bit does not read that layout.
             raise RuntimeError(f"{name}: NF4 weights were repacked for the CPU by a forward pass; dequantize a freshly loaded model")
     return model.dequantize(dtype=dtype)
+
+
+MERGE_AUTO_SHARE = 0.75  # merge_for_generation=auto: the most of the GPU the NF4 base plus its merged copy may take
+
+
+def merged_weight_bytes(model, dtype_bytes: int = 2) -> int:
+    """Bytes of `model`'s weights once every NF4 layer is dequantized to a `dtype_bytes`-wide dtype."""
+    total = 0
+    for parameter in model.parameters():
+        # bitsandbytes keeps the unpacked shape in the quant state; the packed tensor holds two weights per byte.
+        shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
+        total += (math.prod(shape) if shape is not None else parameter.numel()) * dtype_bytes
+    return total
+
+
+def merged_copy_fits(base, device: torch.device) -> tuple[bool, str]:
+    """Whether a bf16 merged copy of `base` fits beside it with room left for generation (predict's `auto`)."""
+    if device.type != "cuda":
+        return True, "on the CPU host memory is not planned for"
+    total = torch.cuda.get_device_properties(device).total_memory
+    # The copy is made while the loaded base is still allocated.
+    need = torch.cuda.memory_allocated(device) + merged_weight_bytes(base, 2)
+    verdict = need <= MERGE_AUTO_SHARE * total
+    return verdict, f"base + bf16 copy {need / 2**30:.1f} GiB {'<=' if verdict else '>'} {MERGE_AUTO_SHARE:.0%} of {total / 2**30:.1f} GiB"
 
 
 def merge_into_base(base, adapter_path: str | None, base_name: str, dtype: torch.dtype):

@@ -9,6 +9,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lima_lightning.data.batching import count_tokens, model_inputs
 from lima_lightning.distributed import clean_param_name, fsdp_quant_storage, global_grad_norm, is_fsdp, prepare_fsdp
@@ -52,7 +53,7 @@ class LIMALoRAModule(L.LightningModule):
         temperature: float = 0.8,
         top_p: float = 0.9,
         seed: int = 0,
-        merge_for_generation: bool = False,
+        merge_for_generation: bool | Literal["auto"] = False,
         generation_cache: Literal["dynamic", "static"] = "static",
         compile_generation: bool = False,
         trust_remote_code: bool = False,
@@ -95,6 +96,8 @@ class LIMALoRAModule(L.LightningModule):
                 NF4 base is dequantized first, as `lima-lightning export` does) and generate with that. Much
                 faster with an NF4 base, whose 4-bit matmuls are slow to generate with; needs the bf16 base's
                 memory (~13 GB for 7B). Logits match the unmerged model to bf16 rounding, so samples can differ.
+                `auto`: merge when the merged copy, made while the base is still loaded, takes at most 3/4 of the
+                GPU (a 7B model: on 24 GB GPUs and up), leaving the rest for generation's KV caches.
             generation_cache: KV cache for generation. `static`: allocated once per chunk of prompts (prompt +
                 max_new_tokens per row), no copying while decoding; `dynamic`: grows (and is copied) every step.
                 Either way a predict batch is generated in as few chunks as fit the GPU's memory.
@@ -159,7 +162,13 @@ class LIMALoRAModule(L.LightningModule):
         quant_storage = fsdp_quant_storage(self.trainer.strategy) if self._trainer is not None else None
         base = load_base_model(hp.base_model, hp.quantization, device, hp.trust_remote_code, quant_storage=quant_storage)
         training = self._trainer is None or self.trainer.training or self.trainer.state.fn == "fit"
-        if hp.merge_for_generation and not training and self.trainer.state.fn == "predict":
+        merge = hp.merge_for_generation
+        if merge == "auto" and not training:
+            from lima_lightning.export import merged_copy_fits
+
+            merge, reason = merged_copy_fits(base, device)
+            rank_zero_info(f"model.merge_for_generation=auto: {'merging' if merge else 'not merging'} ({reason})")
+        if merge and not training and self.trainer.state.fn == "predict":
             from lima_lightning.export import merge_into_base
 
             self.model = merge_into_base(base, hp.adapter_path, hp.base_model, torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -188,3 +188,44 @@ def test_rows_per_chunk_for_llama2_7b_by_hand():
     assert rows_per_chunk(llama2_7b, 30, 216, 500, 2, budget_bytes=100 * per_row) == 30
     with pytest.raises(torch.cuda.OutOfMemoryError, match="model.max_new_tokens"):
         rows_per_chunk(llama2_7b, 300, 216, 500, 2, budget_bytes=per_row - 1)
+
+
+@pytest.mark.slow
+def test_merge_for_generation_auto_merges_when_the_copy_fits(adapter, caplog):
+    adapter_path, root = adapter
+    cli = run_cli(
+        "predict",
+        *demo_args(root, "--model.quantization", "nf4", "--model.adapter_path", str(adapter_path), "--model.merge_for_generation", "auto"),
+    )
+    assert type(cli.model.model).__name__ == "LlamaForCausalLM"  # merged: no PEFT wrapper, no 4-bit layers
+
+
+def test_merge_auto_decides_from_the_gpu_size(monkeypatch):
+    """Llama-2-7B (built on the meta device): base + merged bf16 copy vs 3/4 of a 24 GB and a 16 GB GPU."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import lima_lightning.export as export
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        llama2_7b = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    bf16_bytes = export.merged_weight_bytes(llama2_7b)
+    assert bf16_bytes == 2 * 6_738_415_616  # Llama-2-7B's parameter count
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: int(3.6 * gib))  # the NF4 base, loaded
+    for total_gib, expected in ((24, True), (16, False), (80, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, t=total_gib: SimpleNamespace(total_memory=t * gib))
+        fits, reason = export.merged_copy_fits(llama2_7b, torch.device("cuda"))
+        assert fits is expected, (total_gib, reason)
+    assert export.merged_copy_fits(llama2_7b, torch.device("cpu"))[0] is True
+
+
+def test_merged_weight_bytes_counts_nf4_weights_unpacked(tiny_dir):
+    from lima_lightning.export import merged_weight_bytes
+
+    nf4 = load_base_model(str(tiny_dir), "nf4", torch.device("cpu"))
+    plain = load_base_model(str(tiny_dir), "none", torch.device("cpu"))
+    assert merged_weight_bytes(nf4, 2) == 2 * sum(p.numel() for p in plain.parameters())
+    assert sum(p.numel() for p in nf4.parameters()) < sum(p.numel() for p in plain.parameters())  # packed: really unpacked above
