@@ -10,18 +10,22 @@ projection, as the QLoRA config trains):
   reference, batch 1     `model.generate` on the PEFT model over an NF4 base, one prompt at a time, as the
                          original project did; only --reference_prompts prompts are timed, and the time for all
                          prompts is extrapolated from them.
-  reference, batched     the same model and call, --batch_size prompts at a time in input order.
+  reference, batched     the same model and call, --reference_batch_size prompts at a time in input order;
+                         --reference_batches batches timed and extrapolated to all prompts.
+                         Both reference rows may stop each sequence at --reference_new_tokens and scale the time
+                         to --max_new_tokens (an underestimate of the reference: later steps are slower).
   predict ...            `Trainer.predict` on LIMALoRAModule + LIMADataModule, the path `lima-lightning predict`
-                         runs (longest prompts first, the product's generation function), on an NF4 or a bf16 base,
-                         with and without model.merge_for_generation.
-Batched configurations time --batches batches and extrapolate to all prompts by the number of batches; the
-predict path's first batches hold the longest prompts, so its extrapolation is pessimistic.
+                         runs (longest prompts first, the product's generation function, chunks that fit memory),
+                         --batch_size prompts per batch (default 300: all of LIMA's), every batch timed unless
+                         --batches limits them; NF4 or bf16 base, with and without model.merge_for_generation,
+                         static or dynamic KV cache, compiled decoding (see PREDICT_CONFIGS).
 
 A random-weight model almost never emits EOS, so nearly every sequence runs to max_new_tokens: these are
 worst-case times (a fine-tuned model stops earlier, and a batch ends when its longest answer does).
 
-On one H200 (torch 2.11, transformers 5.17, peft 0.21.0, bitsandbytes 0.50.2) the defaults take about 7 minutes,
-half of it the two reference rows; --configs picks a subset of the predict rows.
+On an H200 (torch 2.11, transformers 5.17, peft 0.21.0, bitsandbytes 0.50.2), with --reference_new_tokens 200,
+all rows take about 8 minutes; --configs picks a subset of the predict rows, --skip_reference drops the
+reference. Results and the table are rewritten after every row (--out), so a run cut short keeps its rows.
 """
 
 from __future__ import annotations
