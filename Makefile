@@ -9,7 +9,7 @@ CONFIG ?= configs/llama2-7b-qlora.yaml
 ADAPTER ?= $(shell ls -td runs/*/lightning_logs/version_*/adapters/final 2>/dev/null | head -1)
 LATEST_DEMO_ADAPTER = $$(ls -td runs/demo/lightning_logs/version_*/adapters/final | head -1)
 
-.PHONY: help install install-dev test test-gpu demo fit-qlora fit-lora predict tensorboard bench bench-ddp lint clean
+.PHONY: help install install-dev test test-gpu demo fit-qlora fit-lora predict tensorboard bench bench-generate bench-ddp lint clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ tensorboard: $(BIN)/.installed ## serve TensorBoard on the runs/ folder
 
 bench: $(BIN)/.installed ## training speed/memory vs the plain loop: BENCH_ARGS="--model DIR" (GPU; see benchmarks/gpu_bench.sh) or BENCH_ARGS=--smoke (CPU)
 	$(BIN)/python benchmarks/bench_train.py $(BENCH_ARGS)
+
+bench-generate: $(BIN)/.installed ## predict speed vs plain generate: GEN_ARGS="--model DIR --prompts test.jsonl" (GPU) or GEN_ARGS=--smoke (CPU)
+	$(BIN)/python benchmarks/bench_generate.py $(GEN_ARGS)
 
 bench-ddp: ## 1 vs 2 GPUs with DDP (speedup, loss curves) and FSDP smokes on a 7B-shaped model (2 GPUs, ~6 min; CPU_REHEARSAL=1 on CPU)
 	PATH=$(BIN):$$PATH bash benchmarks/bench_ddp.sh
