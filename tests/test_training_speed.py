@@ -109,6 +109,24 @@ def test_compiled_layers_give_the_same_loss_and_gradients(examples):  # noqa: F8
     assert result["new_tokens"] >= 1 and counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.slow
+def test_compiled_layers_under_gradient_checkpointing_give_the_same_gradients(examples):  # noqa: F811
+    """The LoRA config compiles the layers, and `auto` turns checkpointing on below ~80 GB: both at once."""
+    module = make_module()
+    batch = collate_rows([examples[:4], examples[4:]], 0)
+    nll, _ = module.masked_nll(batch)
+    nll.backward()
+    eager = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    set_gradient_checkpointing(module.model.get_base_model(), True)
+    assert module.model.training and all(layer.gradient_checkpointing for layer in layers(module))  # really recomputing
+    compile_decoder_layers(module.model.get_base_model(), backend="aot_eager")
+    module.zero_grad(set_to_none=True)
+    both, _ = module.masked_nll(batch)
+    both.backward()
+    torch.testing.assert_close(both, nll, rtol=1e-5, atol=1e-5)
+    assert_grads_close({n: p.grad for n, p in module.named_parameters() if p.requires_grad}, eager)
+
+
 def test_fit_with_the_speed_knobs_through_the_cli(tmp_path):
     cli = run_cli(
         "fit",
