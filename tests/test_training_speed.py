@@ -84,16 +84,21 @@ def test_bf16_adapters_are_cast_and_train(examples):  # noqa: F811
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in module.trainable_parameters())
 
 
+def eager_loss_and_gradients(module, batch) -> tuple[torch.Tensor, dict]:
+    nll, _ = module.masked_nll(batch)
+    nll.backward()
+    gradients = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    module.zero_grad(set_to_none=True)
+    return nll, gradients
+
+
 @pytest.mark.slow
 def test_compiled_layers_give_the_same_loss_and_gradients(examples):  # noqa: F811
     # aot_eager traces the layers through dynamo and AOTAutograd as inductor would, without generating C++.
     module = make_module()
     batch = collate_rows([examples[:4], examples[4:]], 0)
-    nll, _ = module.masked_nll(batch)
-    nll.backward()
-    eager = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    nll, eager = eager_loss_and_gradients(module, batch)
     compile_decoder_layers(module.model.get_base_model(), backend="aot_eager")
-    module.zero_grad(set_to_none=True)
     compiled, _ = module.masked_nll(batch)
     compiled.backward()
     torch.testing.assert_close(compiled, nll, rtol=1e-5, atol=1e-5)
@@ -114,13 +119,10 @@ def test_compiled_layers_under_gradient_checkpointing_give_the_same_gradients(ex
     """The LoRA config compiles the layers, and `auto` turns checkpointing on below ~80 GB: both at once."""
     module = make_module()
     batch = collate_rows([examples[:4], examples[4:]], 0)
-    nll, _ = module.masked_nll(batch)
-    nll.backward()
-    eager = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    nll, eager = eager_loss_and_gradients(module, batch)
     set_gradient_checkpointing(module.model.get_base_model(), True)
     assert module.model.training and all(layer.gradient_checkpointing for layer in layers(module))  # really recomputing
     compile_decoder_layers(module.model.get_base_model(), backend="aot_eager")
-    module.zero_grad(set_to_none=True)
     both, _ = module.masked_nll(batch)
     both.backward()
     torch.testing.assert_close(both, nll, rtol=1e-5, atol=1e-5)
