@@ -56,9 +56,9 @@ def write_gathered_adapter(peft_model, state_dict: dict, directory: Path) -> Non
     from safetensors.torch import save_file
 
     adapter = peft_model.active_adapter
-    tensors = {key.replace(f".{adapter}.", "."): tensor.detach().contiguous() for key, tensor in state_dict.items()}
     if not any(f".{adapter}." in key for key in state_dict):
         raise ValueError(f"no weights of adapter {adapter!r} among the {len(state_dict)} gathered entries; nothing to save")
+    tensors = {key.replace(f".{adapter}.", "."): tensor.detach().contiguous() for key, tensor in state_dict.items()}
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = copy.deepcopy(peft_model.peft_config[adapter])
     config.inference_mode = True

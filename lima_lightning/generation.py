@@ -74,7 +74,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Te
     """Generate for a left-padded (B, T) batch; return response text, finish reason and new-token count per row."""
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
     cache = "static" if settings.compile else settings.cache
-    dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+    dtype_bytes = model.dtype.itemsize  # the KV cache is kept in the model's dtype
     budget = generation_memory_budget(input_ids.device)
     chunk = rows_per_chunk(model.config, len(input_ids), input_ids.shape[1], settings.max_new_tokens, dtype_bytes, budget)
     if chunk < len(input_ids):

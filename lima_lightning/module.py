@@ -162,13 +162,13 @@ class LIMALoRAModule(L.LightningModule):
         quant_storage = fsdp_quant_storage(self.trainer.strategy) if self._trainer is not None else None
         base = load_base_model(hp.base_model, hp.quantization, device, hp.trust_remote_code, quant_storage=quant_storage)
         training = self._trainer is None or self.trainer.training or self.trainer.state.fn == "fit"
-        merge = hp.merge_for_generation
-        if merge == "auto" and not training:
+        merge = not training and self.trainer.state.fn == "predict" and hp.merge_for_generation
+        if merge == "auto":
             from lima_lightning.export import merged_copy_fits
 
             merge, reason = merged_copy_fits(base, device)
             rank_zero_info(f"model.merge_for_generation=auto: {'merging' if merge else 'not merging'} ({reason})")
-        if merge and not training and self.trainer.state.fn == "predict":
+        if merge:
             from lima_lightning.export import merge_into_base
 
             self.model = merge_into_base(base, hp.adapter_path, hp.base_model, torch.bfloat16 if device.type == "cuda" else torch.float32)
