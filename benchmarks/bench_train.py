@@ -78,7 +78,8 @@ class Config:
 
 OURS_QLORA = {"method": "qlora", "path": "ours", "reference": "qlora-plain"}
 OURS_LORA = {"method": "lora", "path": "ours", "reference": "lora-plain"}
-# configs/llama2-7b-qlora-lowmem.yaml: <= 2048 tokens per micro-batch, checkpointing, 8-bit AdamW, bf16 adapters.
+# configs/llama2-7b-qlora-lowmem.yaml: <= 2048 tokens per micro-batch, checkpointing, 8-bit AdamW, bf16 adapters
+# (and there: packed rows, compiled layers; the rows below vary those two).
 LOWMEM_QLORA = {
     **OURS_QLORA,
     "reference": "qlora-plain-2048x1",
@@ -95,9 +96,9 @@ CONFIGS = [
     Config("qlora-plain", "qlora", "plain", "padded", checkpointing=True, essential=True, expected_s=22),
     Config("qlora-plain-2048x1", "qlora", "plain", "rows", batch_size=1, checkpointing=True, essential=True, expected_s=12),
     Config("qlora-fast", batching="length_grouped", checkpointing="auto", goal="speed>=6", essential=True, **OURS_QLORA),
-    Config("qlora-lowmem", batching="length_grouped", essential=True, **LOWMEM_QLORA),
-    # The memory mode on full 2048-token rows, as the 2048x1 reference trains: fewer, fuller steps.
-    Config("qlora-lowmem-packed", batching="packed", expected_s=20, **LOWMEM_QLORA),
+    # The memory mode uncompiled: each step is bound by Python and kernel launches (the GPU is busy ~1/3 of it).
+    Config("qlora-lowmem-grouped", batching="length_grouped", expected_s=20, **LOWMEM_QLORA),
+    Config("qlora-lowmem-eager", batching="packed", expected_s=20, **LOWMEM_QLORA),
     Config("qlora-packed", batching="packed", checkpointing="auto", essential=True, **OURS_QLORA),
     Config("qlora-fast-gc", batching="length_grouped", checkpointing=True, expected_s=15, **OURS_QLORA),
     Config("qlora-padded-ours", batching="padded", checkpointing=True, expected_s=16, **OURS_QLORA),
@@ -112,6 +113,8 @@ CONFIGS = [
         warmup=4,
         **OURS_QLORA,
     ),
+    # The memory mode as configs/llama2-7b-qlora-lowmem.yaml ships it: full packed 2048-token rows, compiled layers.
+    Config("qlora-lowmem", batching="packed", compile=True, essential=True, expected_s=120, warmup=4, **LOWMEM_QLORA),
     Config("lora-plain", "lora", "plain", "padded", checkpointing=False, essential=True, expected_s=14),
     Config("lora-fast", batching="length_grouped", checkpointing="auto", goal="speed>=5", essential=True, expected_s=10, **OURS_LORA),
     Config("lora-packed-flex", batching="packed", checkpointing="auto", attn="flex_attention", expected_s=40, warmup=3, **OURS_LORA),
@@ -248,8 +251,77 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
 
 
+# ----------------------------------------------------------------------------- where a step's time goes
+class StepProfile:
+    """torch.profiler over a few steps after the timed window (--profile-steps): is a step GPU- or CPU-bound?
+
+    gpu_busy = kernel time / wall time of the profiled steps; well under 1 means the GPU waits for the CPU
+    (Python and kernel-launch overhead) or for a host sync. The profiler slows the CPU side somewhat, so the
+    wall time here is not the timed window's.
+    """
+
+    SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense", "cudaEventSynchronize")
+
+    def __init__(self, steps: int, device: torch.device) -> None:
+        self.steps, self.device, self.done, self.profiler, self.start = steps, device, 0, None, 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.profiler is not None
+
+    def begin(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        sync(self.device)
+        self.profiler = profile(activities=activities)
+        self.profiler.__enter__()
+        self.start = time.perf_counter()
+
+    def step_done(self) -> bool:
+        """Count one step; True once the last one is done (and the profile summarized)."""
+        self.done += 1
+        if self.done < self.steps:
+            return False
+        sync(self.device)
+        self.wall = time.perf_counter() - self.start
+        self.profiler.__exit__(None, None, None)
+        return True
+
+    def summary(self) -> dict:
+        from torch.autograd import DeviceType
+
+        events = self.profiler.key_averages()
+        cpu_ops = [e for e in events if e.device_type == DeviceType.CPU]
+        # A record_function range (e.g. Optimizer.step#AdamW.step, which holds Lightning's whole forward and
+        # backward closure) shows on the GPU timeline under the same name: a span, not a kernel.
+        ranges = {e.key for e in cpu_ops}
+        kernels = [e for e in events if e.device_type != DeviceType.CPU and e.key not in ranges]
+
+        def device_us(e) -> float:
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+        per_step = 1000.0 * self.steps  # µs totals -> ms per step
+        kernel_ms = sum(device_us(e) for e in kernels) / per_step
+        wall_ms = 1000.0 * self.wall / self.steps
+        return {
+            "steps": self.steps,
+            "wall_ms_per_step": wall_ms,
+            "kernel_ms_per_step": kernel_ms,
+            "gpu_busy": kernel_ms / wall_ms if kernels else None,
+            "kernels_per_step": sum(e.count for e in kernels) / self.steps,
+            "cpu_op_ms_per_step": sum(e.self_cpu_time_total for e in cpu_ops) / per_step,
+            "syncs_per_step": {e.key: e.count / self.steps for e in cpu_ops if e.key in self.SYNC_EVENTS},
+            "top_kernels_ms": [(e.key[:70], device_us(e) / per_step) for e in sorted(kernels, key=device_us, reverse=True)[:8]],
+            "top_cpu_ops_ms": [
+                (e.key[:70], e.self_cpu_time_total / per_step, e.count // self.steps)
+                for e in sorted(cpu_ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+            ],
+        }
+
+
 # ----------------------------------------------------------------------------- the plain loop
-def plain_loop(model, batches, warmup: int, target_tokens: int, device: torch.device) -> dict:
+def plain_loop(model, batches, warmup: int, target_tokens: int, device: torch.device, profile_steps: int = 0) -> dict:
     """What a user writes with transformers + PEFT + bitsandbytes: nothing here comes from lima-lightning."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)
@@ -257,7 +329,9 @@ def plain_loop(model, batches, warmup: int, target_tokens: int, device: torch.de
     model.train()
     tokens = cells = 0
     lengths: list[int] = []
-    start = None
+    start = seconds = None
+    profile = StepProfile(profile_steps, device)
+    timed_batches = 0
     for step, (batch, batch_lengths) in enumerate(batches):
         if step == warmup:
             sync(device)
@@ -268,14 +342,27 @@ def plain_loop(model, batches, warmup: int, target_tokens: int, device: torch.de
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step >= warmup:
+        if seconds is not None:  # past the timed window: profiling
+            if profile.step_done():
+                break
+        elif step >= warmup:
             tokens += sum(batch_lengths)
             cells += batch["input_ids"].numel()
             lengths += batch_lengths
+            timed_batches += 1
             if tokens >= target_tokens:
-                break
-    sync(device)
-    return {"seconds": time.perf_counter() - start, "tokens": tokens, "cells": cells, "lengths": lengths, "batches": step + 1 - warmup}
+                sync(device)
+                seconds = time.perf_counter() - start
+                if not profile_steps:
+                    break
+                profile.begin()
+    if seconds is None:  # the batches ran out first
+        sync(device)
+        seconds = time.perf_counter() - start
+    run = {"seconds": seconds, "tokens": tokens, "cells": cells, "lengths": lengths, "batches": timed_batches}
+    if profile.active and profile.done == profile_steps:
+        run["profile"] = profile.summary()
+    return run
 
 
 # ----------------------------------------------------------------------------- our training step
@@ -299,6 +386,7 @@ def ours_fit(model, tokenizer, examples, config: Config, args, device: torch.dev
             self.tokens = self.cells = self.batches = 0
             self.lengths: list[int] = []
             self.start = self.seconds = None
+            self.profile = StepProfile(args.profile_steps, device)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if batch_idx == config.warmup:
@@ -307,6 +395,9 @@ def ours_fit(model, tokenizer, examples, config: Config, args, device: torch.dev
                 self.graphs = compiled_graphs()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self.profile.active:
+                trainer.should_stop = self.profile.step_done()
+                return
             if batch_idx < config.warmup or self.seconds is not None:
                 return
             self.tokens += count_tokens(batch)
@@ -317,7 +408,10 @@ def ours_fit(model, tokenizer, examples, config: Config, args, device: torch.dev
                 sync(device)
                 self.seconds = time.perf_counter() - self.start
                 self.graphs = compiled_graphs() - self.graphs
-                trainer.should_stop = True
+                if args.profile_steps:
+                    self.profile.begin()
+                else:
+                    trainer.should_stop = True
 
     dm = LIMADataModule(
         dataset="benchmark",
@@ -373,6 +467,8 @@ def ours_fit(model, tokenizer, examples, config: Config, args, device: torch.dev
         timer.graphs = compiled_graphs() - timer.graphs
     result = {"seconds": timer.seconds, "tokens": timer.tokens, "cells": timer.cells, "lengths": timer.lengths, "batches": timer.batches}
     result["graphs_compiled_while_timed"] = timer.graphs  # > 0: a recompile polluted the timing
+    if timer.profile.active and timer.profile.done == args.profile_steps:
+        result["profile"] = timer.profile.summary()
     result["settings"] = module.speed_settings
     del trainer, module
     return result
@@ -465,6 +561,8 @@ def summarize(config: Config, run: dict, flops: tuple[float, float], total_token
         "reference": config.reference,
         "goal": config.goal,
     }
+    if "profile" in run:
+        row["profile"] = run["profile"]
     return row
 
 
@@ -549,6 +647,20 @@ def markdown(report: dict) -> str:
                 f"({e['bytes_per_token'] / 2**20:.2f} MiB/token), {e['budget_bytes'] / GIB:.1f} GiB available -> checkpointing "
                 f"{'off' if e['fits'] else 'on'}; measured peak {fmt(r['peak_gib'])} GiB"
             )
+    profiled = [r for r in report["results"] if r.get("profile")]
+    if profiled:
+        lines += ["", "where a step's time goes (torch.profiler, steps after the timed window; busy = kernel time / wall time)", ""]
+        for r in profiled:
+            p = r["profile"]
+            busy = f" ({p['gpu_busy']:.0%} busy)" if p["gpu_busy"] is not None else ""
+            syncs = ", ".join(f"{k} {v:g}" for k, v in p["syncs_per_step"].items()) or "none"
+            kernels = "; ".join(f"{k} {ms:.1f}" for k, ms in p["top_kernels_ms"][:5])
+            cpu = "; ".join(f"{k} {ms:.1f} (x{n})" for k, ms, n in p["top_cpu_ops_ms"][:6])
+            lines.append(
+                f"- {r['config']}: {p['wall_ms_per_step']:.0f} ms/step, kernels {p['kernel_ms_per_step']:.0f} ms{busy}, "
+                f"{p['kernels_per_step']:.0f} kernels/step, CPU ops {p['cpu_op_ms_per_step']:.0f} ms; syncs/step: {syncs}; "
+                f"top kernels (ms/step): {kernels or '-'}; top CPU ops (ms/step): {cpu}"
+            )
     for method, rows in report["parity"].items():
         lines += ["", f"loss parity, {method}: one identical batch of 4 conversations, dropout off (bf16 autocast on GPU)", ""]
         for row in rows:
@@ -598,6 +710,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak for MFU (790: measured on the H200)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile-steps", type=int, default=0, help="after each timed window, profile this many more steps (kernel vs wall time, top ops)"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -690,7 +805,7 @@ def main(argv: list[str] | None = None) -> dict:
                         set_attention(model.get_base_model(), "sdpa", device)
                         set_gradient_checkpointing(model.get_base_model(), bool(config.checkpointing))
                         batches = plain_batches(examples, config, tokenizer.pad_token_id, args.seed, args.max_seq_length)
-                        run = plain_loop(model, batches, config.warmup, args.timed_tokens, device)
+                        run = plain_loop(model, batches, config.warmup, args.timed_tokens, device, args.profile_steps)
                     else:
                         run = ours_fit(model, tokenizer, examples, config, args, device)
                     row = summarize(config, run, flops, total_tokens, device, args)

@@ -5,10 +5,11 @@
 # They share nothing but the host (32 cores), so neither slows the other's GPU. On a 1-GPU machine run them one
 # after the other instead (each fits one call). Expects .gpu/ and .whl/ from benchmarks/prepare_gpu_carry.sh.
 set -uo pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
+# Install the carried wheels once: a second script started beside this one must not rewrite /tmp/site under it.
+if ls .whl/*.whl >/dev/null 2>&1 && ! PYTHONPATH=/tmp/site python3 -c "import bitsandbytes, jsonargparse" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
 fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
