@@ -117,3 +117,25 @@ def test_deadline_stops_a_configuration_that_overruns():
         time.sleep(5)
     with bench_train.deadline(0):  # no limit
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "row, config_file",
+    [
+        ("qlora-fast-compile", "llama2-7b-qlora.yaml"),
+        ("qlora-lowmem", "llama2-7b-qlora-lowmem.yaml"),
+        ("lora-fast-compile", "llama2-7b-lora.yaml"),
+    ],
+)
+def test_the_benchmark_measures_the_shipped_configs(row, config_file):
+    """The headline rows of RESULTS.md and the README are these configurations; they must not drift apart."""
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "configs" / config_file).read_text())
+    model, data = shipped["model"], shipped["data"]
+    measured = next(c for c in bench_train.CONFIGS if c.name == row)
+    assert measured.method == ("qlora" if model["quantization"] == "nf4" else "lora")
+    assert (measured.batching, measured.max_tokens) == (data["batching"], data["max_tokens_per_batch"])
+    assert measured.checkpointing == model["gradient_checkpointing"] and measured.compile == model["compile"]
+    assert (measured.attn, measured.optimizer) == (model["attn_implementation"], model["optimizer"])
+    assert (measured.lora_dtype, measured.loss_chunk_size) == (model.get("lora_dtype", "float32"), model["loss_chunk_size"])
