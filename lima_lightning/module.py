@@ -261,8 +261,8 @@ class LIMALoRAModule(L.LightningModule):
         # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over devices.
         scale = self.trainer.accumulate_grad_batches * strategy.world_size / tokens.clamp(min=1)
         params = [p for p in self.trainable_parameters() if p.grad is not None]
-        for p in params:
-            p.grad.mul_(scale)
+        if params:  # a few multi-tensor kernels, not one per adapter weight
+            torch._foreach_mul_([p.grad for p in params], scale)
         elapsed = time.perf_counter() - self._step_started
         metrics = {
             "train/loss": loss,
