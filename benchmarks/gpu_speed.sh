@@ -2,8 +2,10 @@
 # One call on a 2-GPU machine (nvidia-h200-x2) for both single-GPU speed benchmarks at once, ~9 minutes:
 #   GPU 0: bash benchmarks/gpu_bench.sh      training speed and memory vs the plain loop -> $OUT/bench_train.{md,json}
 #   GPU 1: benchmarks/bench_generate.py      generation speed vs plain generate         -> $OUT/bench_generate.{json,log}
-# They share nothing but the host (32 cores), so neither slows the other's GPU. On a 1-GPU machine run them one
-# after the other instead (each fits one call). Expects .gpu/ and .whl/ from benchmarks/prepare_gpu_carry.sh.
+# They share the host's CPU, and CPU-bound steps (the plain loop, small QLoRA steps) slow down while the other
+# process is busy, most of all while it compiles: two training benchmarks side by side measured the same plain
+# LoRA loop at 3,187 and 4,767 tok/s, and 5,477-5,682 alone (RESULTS.md, session 3). Quote ratios within one
+# process; for headline numbers run gpu_bench.sh alone on one GPU. Expects .gpu/ and .whl/ from benchmarks/prepare_gpu_carry.sh.
 set -uo pipefail
 # Install the carried wheels once: a second script started beside this one must not rewrite /tmp/site under it.
 if ls .whl/*.whl >/dev/null 2>&1 && ! PYTHONPATH=/tmp/site python3 -c "import bitsandbytes, jsonargparse" 2>/dev/null; then
