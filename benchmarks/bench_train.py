@@ -263,7 +263,7 @@ class StepProfile:
     SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense", "cudaEventSynchronize")
 
     def __init__(self, steps: int, device: torch.device) -> None:
-        self.steps, self.device, self.done, self.profiler, self.start = steps, device, 0, None, 0.0
+        self.steps, self.device, self.done, self.profiler, self.start, self.wall = steps, device, 0, None, 0.0, None
 
     @property
     def active(self) -> bool:
@@ -287,6 +287,15 @@ class StepProfile:
         self.wall = time.perf_counter() - self.start
         self.profiler.__exit__(None, None, None)
         return True
+
+    def finish(self) -> dict | None:
+        """The summary once every planned step was profiled; None (and the profiler stopped) if the data ran out first."""
+        if not self.active:
+            return None
+        if self.wall is None:
+            self.profiler.__exit__(None, None, None)
+            return None
+        return self.summary()
 
     def summary(self) -> dict:
         from torch.autograd import DeviceType
@@ -359,10 +368,7 @@ def plain_loop(model, batches, warmup: int, target_tokens: int, device: torch.de
     if seconds is None:  # the batches ran out first
         sync(device)
         seconds = time.perf_counter() - start
-    run = {"seconds": seconds, "tokens": tokens, "cells": cells, "lengths": lengths, "batches": timed_batches}
-    if profile.active and profile.done == profile_steps:
-        run["profile"] = profile.summary()
-    return run
+    return {"seconds": seconds, "tokens": tokens, "cells": cells, "lengths": lengths, "batches": timed_batches, "profile": profile.finish()}
 
 
 # ----------------------------------------------------------------------------- our training step
@@ -467,8 +473,7 @@ def ours_fit(model, tokenizer, examples, config: Config, args, device: torch.dev
         timer.graphs = compiled_graphs() - timer.graphs
     result = {"seconds": timer.seconds, "tokens": timer.tokens, "cells": timer.cells, "lengths": timer.lengths, "batches": timer.batches}
     result["graphs_compiled_while_timed"] = timer.graphs  # > 0: a recompile polluted the timing
-    if timer.profile.active and timer.profile.done == args.profile_steps:
-        result["profile"] = timer.profile.summary()
+    result["profile"] = timer.profile.finish()
     result["settings"] = module.speed_settings
     del trainer, module
     return result
@@ -561,7 +566,7 @@ def summarize(config: Config, run: dict, flops: tuple[float, float], total_token
         "reference": config.reference,
         "goal": config.goal,
     }
-    if "profile" in run:
+    if run.get("profile"):
         row["profile"] = run["profile"]
     return row
 

@@ -69,6 +69,9 @@ def test_profile_steps_report_where_the_time_goes(tmp_path, tiny_dir):
         assert profile["top_cpu_ops_ms"] and all(ms >= 0 for _, ms, _ in profile["top_cpu_ops_ms"])
     assert "where a step's time goes" in (tmp_path / "b.md").read_text()
     assert all("profile" not in row for row in timed_only["results"])
+    # More profiled steps than the epoch has left: no profile, the profiler stopped, the next configuration measured.
+    short = bench_train.main([*configs, "--profile-steps", "100000"])
+    assert [("profile" in r, r["timed_tokens"] > 0) for r in short["results"]] == [(False, True), (False, True)]
 
 
 def test_time_budget_skips_what_would_overrun(tmp_path, tiny_dir):
