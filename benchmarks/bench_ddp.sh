@@ -19,11 +19,7 @@ set -uo pipefail  # keep going after a failed phase: one GPU call should report 
 set +m            # no job control: background phases stay in this process group until setsid moves them
 # NVLink multicast (NVLS) must stay off on these machines.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+source benchmarks/gpu_env.sh  # carried wheels into /tmp/site (once), PYTHONPATH, offline hub
 STEPS=${STEPS:-10}
 BUDGET=${BUDGET:-350}
 OUT=${OUT:-/tmp/out}

@@ -7,12 +7,7 @@
 # benchmark, default 480 minus the time spent writing the model) skips what would not fit; a configuration
 # still running 60 s past it is stopped, so the script ends within ~9 minutes even then.
 set -uo pipefail
-# Install the carried wheels once: a second script started beside this one must not rewrite /tmp/site under it.
-if ls .whl/*.whl >/dev/null 2>&1 && ! PYTHONPATH=/tmp/site python3 -c "import bitsandbytes, jsonargparse" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source benchmarks/gpu_env.sh  # carried wheels into /tmp/site (once), PYTHONPATH, offline hub
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -3,11 +3,7 @@
 # LIMA data and the real tokenizer, then predict with the QLoRA adapter. Expects .gpu/ holding
 # llama2-tokenizer/ and lima/ (copies of ../shared) and, where packages are missing, wheels in .whl/.
 set -uo pipefail  # keep going after a failed phase: one GPU call should report on all of them
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source benchmarks/gpu_env.sh  # carried wheels into /tmp/site (once), PYTHONPATH, offline hub
 OUT=${OUT:-/tmp/out}
 RUNS=/tmp/runs-$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

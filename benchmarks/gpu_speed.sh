@@ -7,12 +7,7 @@
 # LoRA loop at 3,187 and 4,767 tok/s, and 5,477-5,682 alone (RESULTS.md, session 3). Quote ratios within one
 # process; for headline numbers run gpu_bench.sh alone on one GPU. Expects .gpu/ and .whl/ from benchmarks/prepare_gpu_carry.sh.
 set -uo pipefail
-# Install the carried wheels once: a second script started beside this one must not rewrite /tmp/site under it.
-if ls .whl/*.whl >/dev/null 2>&1 && ! PYTHONPATH=/tmp/site python3 -c "import bitsandbytes, jsonargparse" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+source benchmarks/gpu_env.sh  # carried wheels into /tmp/site (once), PYTHONPATH, offline hub
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 MODEL=/tmp/llama2-7b-random
