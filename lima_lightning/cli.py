@@ -103,6 +103,36 @@ def cli_main(args: list[str] | None = None) -> LimaCLI:
         fail(e)
 
 
+class _ConfigOnlyCLI(LimaCLI):
+    """Parses fit's arguments (configs, overrides, defaults, links) and instantiates nothing."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def after_instantiate_classes(self) -> None:
+        pass
+
+
+def parse_fit_config(args: list[str]):
+    """The configuration `lima-lightning fit ARGS` would run with, without building a model, data or Trainer.
+
+    For commands that take fit's arguments but load no weights (e.g. `inspect`, `plan`): `config.model`,
+    `config.data` and `config.trainer` are namespaces of plain values; `LIMADataModule(**config.data)` is cheap.
+    """
+    try:
+        return _ConfigOnlyCLI(
+            LIMALoRAModule,
+            LIMADataModule,
+            args=args,
+            run=False,
+            parser_class=OneLineErrorParser,
+            auto_configure_optimizers=False,
+            parser_kwargs={"default_env": False},
+        ).config
+    except UserError as e:
+        fail(e)
+
+
 def info_to_stdout() -> None:
     """Lightning's progress messages go to stdout, so stderr carries only warnings and errors."""
     for name in ("lightning.pytorch", "lightning.fabric"):
