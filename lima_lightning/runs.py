@@ -8,6 +8,7 @@ A run dir is Lightning's log dir, `<trainer.default_root_dir>/lightning_logs/ver
     checkpoints/last.ckpt       the resumable checkpoint
     samples.jsonl               sample generations after each validation
     predictions.jsonl           `predict`'s answers
+    validation.jsonl            `validate`'s per-conversation answer NLL (report's intervals)
 
 Every module that reads or writes one of these asks this one.
 """
@@ -25,6 +26,7 @@ CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 SAMPLES_FILE = "samples.jsonl"
 PREDICTIONS_FILE = "predictions.jsonl"
+VALIDATION_FILE = "validation.jsonl"
 FINAL_ADAPTER = "final"
 LAST_GOOD_ADAPTER = "last-good"
 EVENTS_GLOB = "events.out.tfevents.*"
