@@ -117,7 +117,7 @@ fi
 ADAPTER=$(ls -d $RUNS/qlora-2gpu/lightning_logs/version_*/adapters/final 2>/dev/null | head -1)
 if want predict $(( UNIT * 4 / 5 )); then
   run_phase predict-2gpu 120 python3 -m lima_lightning predict --config configs/llama2-7b-qlora.yaml --config configs/predict.yaml \
-    "${DATA[@]}" "${TWO[@]}" ${ADAPTER:+--model.adapter_path "$ADAPTER"} --model.max_new_tokens 32 \
+    "${DATA[@]}" "${TWO[@]}" ${ADAPTER:+--model.adapter_path "$ADAPTER"} --model.generation.max_new_tokens 32 \
     --trainer.default_root_dir $RUNS/predict-2gpu
   python3 benchmarks/ddp_report.py predict $RUNS/predict-2gpu --expect "$([ "$REHEARSAL" = 1 ] && echo 40 || echo 300)"  # synthetic: 400 / 10
   cp $RUNS/predict-2gpu/lightning_logs/version_*/predictions.jsonl "$LOGS/" 2>/dev/null

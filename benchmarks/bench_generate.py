@@ -17,7 +17,7 @@ projection, as the QLoRA config trains):
   predict ...            `Trainer.predict` on LIMALoRAModule + LIMADataModule, the path `lima-lightning predict`
                          runs (longest prompts first, the product's generation function, chunks that fit memory),
                          --batch_size prompts per batch (default 300: all of LIMA's), every batch timed unless
-                         --batches limits them; NF4 or bf16 base, with and without model.merge_for_generation,
+                         --batches limits them; NF4 or bf16 base, with and without model.generation.merge,
                          static or dynamic KV cache, compiled decoding (see PREDICT_CONFIGS).
 
 A random-weight model almost never emits EOS, so nearly every sequence runs to max_new_tokens: these are
@@ -43,9 +43,10 @@ import lightning as L
 import torch
 
 from lima_lightning.data.collate import pad_for_generation
-from lima_lightning.data.datamodule import LIMADataModule, prompts_for_generation
+from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.data.sources import load_conversations
-from lima_lightning.generation import describe_completion
+from lima_lightning.data.tokenization import prompts_for_generation
+from lima_lightning.generation import GenerationSettings, describe_completion
 from lima_lightning.models.loading import LLAMA_PROJECTIONS, load_adapter, load_base_model, load_tokenizer, resolve_base_model
 from lima_lightning.module import LIMALoRAModule
 
@@ -55,9 +56,9 @@ SYNTHETIC_SIZE = 80  # --smoke: the synthetic predict set is a tenth of this, 8 
 @dataclass(frozen=True)
 class PredictConfig:
     quantization: str  # model.quantization
-    merge: bool  # model.merge_for_generation
-    cache: str = "static"  # model.generation_cache
-    compile: bool = False  # model.compile_generation
+    merge: bool  # model.generation.merge
+    cache: str = "static"  # model.generation.cache
+    compile: bool = False  # model.generation.compile
 
 
 PREDICT_CONFIGS = {  # run in this order: the product's defaults first, so a run cut short still has them
@@ -223,14 +224,16 @@ def bench_predict(args, name: str, model_dir: str, adapter: Path, prompts: str, 
         base_model=model_dir,
         quantization=config.quantization,
         adapter_path=str(adapter),
-        merge_for_generation=config.merge,
-        generation_cache=config.cache,
-        compile_generation=config.compile,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=True,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
+        generation=GenerationSettings(
+            max_new_tokens=args.max_new_tokens,
+            do_sample=True,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            cache=config.cache,
+            merge=config.merge,
+            compile=config.compile,
+        ),
     )
     data = LIMADataModule(tokenizer=model_dir, predict_dataset=prompts, predict_batch_size=args.batch_size, synthetic_size=SYNTHETIC_SIZE)
     timer = BatchTimer(device)

@@ -47,8 +47,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lima_lightning.data.batching import collate_rows, count_tokens  # noqa: E402
-from lima_lightning.data.collate import pad_for_training  # noqa: E402
+from lima_lightning.data.collate import collate_rows  # noqa: E402
 from lima_lightning.data.tokenization import IGNORE_INDEX  # noqa: E402
 
 GIB = 2**30
@@ -150,6 +149,17 @@ def shuffled(n: int, seed: int) -> list[int]:
     return order
 
 
+def plain_padded_batch(examples: list[dict], pad_id: int) -> dict:
+    """What a plain loop feeds the model: examples right-padded to the longest, with an attention mask."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    pad = [longest - len(e["input_ids"]) for e in examples]
+    return {
+        "input_ids": torch.tensor([e["input_ids"] + [pad_id] * p for e, p in zip(examples, pad, strict=True)]),
+        "labels": torch.tensor([e["labels"] + [IGNORE_INDEX] * p for e, p in zip(examples, pad, strict=True)]),
+        "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * p for e, p in zip(examples, pad, strict=True)]),
+    }
+
+
 def plain_batches(examples: list[dict], config: Config, pad_id: int, seed: int, max_seq_length: int) -> list[tuple[dict, list[int]]]:
     """(batch, lengths of the conversations or pieces in it) in a plain shuffled order."""
     order = shuffled(len(examples), seed)
@@ -157,7 +167,7 @@ def plain_batches(examples: list[dict], config: Config, pad_id: int, seed: int, 
         out = []
         for k in range(0, len(order), config.batch_size):
             chunk = [examples[i] for i in order[k : k + config.batch_size]]
-            out.append((pad_for_training(chunk, pad_id), [len(e["input_ids"]) for e in chunk]))
+            out.append((plain_padded_batch(chunk, pad_id), [len(e["input_ids"]) for e in chunk]))
         return out
     # "rows": the shuffled conversations concatenated and cut into full rows (no mask: plain causal attention).
     ids = [t for i in order for t in examples[i]["input_ids"]]
@@ -406,7 +416,7 @@ def ours_fit(model, tokenizer, examples, config: Config, args, device: torch.dev
                 return
             if batch_idx < config.warmup or self.seconds is not None:
                 return
-            self.tokens += count_tokens(batch)
+            self.tokens += batch["num_tokens"]
             self.cells += batch["input_ids"].numel()
             self.batches += 1
             self.lengths += [len(examples[i]["input_ids"]) for row in plan[batch_idx] for i in row] if plan else []
@@ -419,9 +429,9 @@ def ours_fit(model, tokenizer, examples, config: Config, args, device: torch.dev
                 else:
                     trainer.should_stop = True
 
-    dm = LIMADataModule(
-        dataset="benchmark",
-        tokenizer=args.model,
+    dm = LIMADataModule.from_examples(  # tokenized once for all configurations
+        examples,
+        loaded_tokenizer=tokenizer,
         max_seq_length=args.max_seq_length,
         batch_size=config.batch_size,
         batching=config.batching,
@@ -429,8 +439,9 @@ def ours_fit(model, tokenizer, examples, config: Config, args, device: torch.dev
         val_fraction=0.0,
         seed=args.seed,
     )
-    dm.tokenizer, dm.train_dataset, dm.val_dataset = tokenizer, examples, []  # tokenized once for all configurations
-    module = LIMALoRAModule(
+    module = LIMALoRAModule.around(
+        model,
+        tokenizer,
         base_model=args.model,
         quantization="nf4" if config.method == "qlora" else "none",
         lora_r=args.lora_r,
@@ -443,13 +454,9 @@ def ours_fit(model, tokenizer, examples, config: Config, args, device: torch.dev
         loss_chunk_size=config.loss_chunk_size,
         optimizer=config.optimizer,
     )
-    module.model, module.tokenizer = model, tokenizer
     module.compile_backend = "inductor" if device.type == "cuda" else "aot_eager"  # no C++ compile on the CPU smoke run
     loader = dm.train_dataloader()
-    plan = loader.sampler.batches(0) if hasattr(loader.sampler, "batches") else None
-    if plan is None:  # padded: EpochShuffle's epoch-0 order in batches of batch_size
-        order = list(loader.sampler)
-        plan = [[[i] for i in order[k : k + config.batch_size]] for k in range(0, len(order), config.batch_size)]
+    plan = loader.sampler.epoch_batches(0)
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator=device.type,
@@ -492,8 +499,7 @@ def parity_check(model, tokenizer, examples, args, device: torch.device, attenti
     pad_id = tokenizer.pad_token_id
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    module = LIMALoRAModule(base_model=args.model, lora_dropout=args.lora_dropout)
-    module.model = model
+    module = LIMALoRAModule.around(model, tokenizer, base_model=args.model, lora_dropout=args.lora_dropout)
     model.eval()
 
     def on_device(batch: dict) -> dict:
@@ -507,13 +513,13 @@ def parity_check(model, tokenizer, examples, args, device: torch.device, attenti
         return float(nll) / float(count), torch.cat([params[n].grad.float().flatten() for n in sorted(params)])
 
     def plain() -> tuple[torch.Tensor, torch.Tensor]:
-        batch = on_device(pad_for_training(chunk, pad_id))
+        batch = on_device(plain_padded_batch(chunk, pad_id))
         count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         return model(**batch).loss * count, count  # transformers' loss is the mean over trained tokens
 
     rows_of_two = [chunk[:2], chunk[2:]]
     fits = all(sum(len(e["input_ids"]) for e in row) <= args.max_seq_length for row in rows_of_two)
-    variants = [("padded, no mask, LM head at trained positions", pad_for_training(chunk, pad_id))]
+    variants = [("padded, no mask, LM head at trained positions", collate_rows([[e] for e in chunk], pad_id))]
     variants.append(("packed rows (position restarts)", collate_rows(rows_of_two if fits else [[e] for e in chunk], pad_id)))
     reference_loss, reference_grads = run(plain)
     rows = [{"path": "plain: padded + attention mask, full logits, labels= loss", "loss": reference_loss}]

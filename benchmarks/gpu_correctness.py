@@ -27,12 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from lima_lightning.data.collate import pad_for_training
+from lima_lightning.data.collate import collate_rows
 from lima_lightning.data.sources import load_conversations
 from lima_lightning.data.tokenization import IGNORE_INDEX, tokenize_for_training
 from lima_lightning.module import LIMALoRAModule
 
 FAILURES: list[str] = []
+
+
+def plain_padded_batch(examples: list[dict], pad_id: int) -> dict:
+    """The product's padded batch (one example per row) plus the attention mask a plain loop passes."""
+    batch = collate_rows([[e] for e in examples], pad_id)
+    lengths = torch.tensor([len(e["input_ids"]) for e in examples])
+    batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1]) < lengths[:, None]).long()
+    return batch
 
 
 def check(passed: bool, item: str, detail: str) -> None:
@@ -149,10 +157,13 @@ def run_mode(mode: str, args, device: torch.device, examples: list[dict], pad_id
     # Only a plain fp32 run is exact across batch shapes; bf16 (autocast, or NF4's bf16 compute) rounds differently
     # when the padding, and so the kernels' blocking, changes.
     tolerance = 1e-4 if fp32 and mode == "bf16" else 2e-2
-    whole = pad_for_training(examples, pad_id)
+    whole = plain_padded_batch(examples, pad_id)
     # The same batch with 64 more padding columns: the same sums in exact arithmetic, other kernel shapes in practice.
-    wider = {k: F.pad(v, (0, 64), value={"input_ids": pad_id, "labels": IGNORE_INDEX}.get(k, 0)) for k, v in whole.items()}
-    micro = [pad_for_training(examples[:1], pad_id), pad_for_training(examples[1:], pad_id)]
+    pad_values = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+    wider = {k: F.pad(whole[k], (0, 64), value=v) for k, v in pad_values.items()}
+    wider["position_ids"] = torch.arange(wider["input_ids"].shape[1]).expand_as(wider["input_ids"])  # rows of one example
+    wider["num_tokens"] = whole["num_tokens"]
+    micro = [plain_padded_batch(examples[:1], pad_id), plain_padded_batch(examples[1:], pad_id)]
     counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
 
     module = Probe(
@@ -180,7 +191,7 @@ def run_mode(mode: str, args, device: torch.device, examples: list[dict], pad_id
                         p.copy_(torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * args.lora_b_std)
             shared["adapter"] = str(Path(shared["tmp"]) / "start-adapter")
             m.model.save_pretrained(shared["adapter"])
-        batch = {k: v.to(m.device) for k, v in whole.items()}
+        batch = {k: v.to(m.device) if isinstance(v, torch.Tensor) else v for k, v in whole.items()}
         m.train()  # see logits_of
         with torch.no_grad(), m.trainer.precision_plugin.forward_context():
             nll, n_trained = m.masked_nll(batch)

@@ -21,7 +21,7 @@ done
 QLORA_ADAPTER=$(grep -l "quantization: nf4" $RUNS/lightning_logs/version_*/config.yaml | tail -1 | xargs dirname)/adapters/final
 start=$(date +%s)
 python3 -m lima_lightning predict --config configs/llama2-7b-qlora.yaml --config configs/predict.yaml "${COMMON[@]}" \
-  --model.adapter_path $QLORA_ADAPTER --model.max_new_tokens 64 --trainer.limit_predict_batches 2 2>&1 | grep -v -i -E "warn|tip:" | tail -4
+  --model.adapter_path $QLORA_ADAPTER --model.generation.max_new_tokens 64 --trainer.limit_predict_batches 2 2>&1 | grep -v -i -E "warn|tip:" | tail -4
 echo "predict: $(( $(date +%s) - start )) s wall (including model load)"
 python3 benchmarks/summarize_run.py $RUNS/lightning_logs/version_*
 PREDICTIONS=$(ls -t $RUNS/lightning_logs/version_*/predictions.jsonl | head -1)

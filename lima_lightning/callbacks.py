@@ -4,27 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from lima_lightning import runs
 from lima_lightning.data.collate import pad_for_generation
-from lima_lightning.data.tokenization import encode_prompt
+from lima_lightning.data.tokenization import prompts_for_generation
 from lima_lightning.distributed import gather_adapter_state, gather_rows, is_fsdp
+from lima_lightning.errors import NonFiniteLossError
 from lima_lightning.io import append_jsonl, write_dir_atomically, write_jsonl_atomically
-
-
-def run_dir(trainer: L.Trainer) -> Path:
-    """Lightning's log dir (`<default_root_dir>/lightning_logs/version_N`): config, events, adapters, outputs.
-
-    Read from the logger, not `trainer.log_dir`: that broadcasts from rank 0, a collective, and the callbacks
-    here call this on rank 0 alone; the other ranks would never join it (a hang under DDP).
-    """
-    logger = trainer.loggers[0] if trainer.loggers else None
-    if isinstance(logger, (TensorBoardLogger, CSVLogger)):
-        return Path(logger.log_dir)
-    return Path((logger.save_dir if logger is not None else None) or trainer.default_root_dir)
 
 
 def save_adapter(pl_module, target: Path, state_dict: dict | None = None) -> Path:
@@ -70,7 +59,7 @@ def save_adapter_once(trainer, pl_module, name: str) -> Path | None:
     state_dict = gather_adapter_state(trainer, pl_module)  # a collective under FSDP, None otherwise
     if not trainer.is_global_zero:
         return None
-    return save_adapter(pl_module, run_dir(trainer) / "adapters" / name, state_dict)
+    return save_adapter(pl_module, runs.adapter_dir(runs.run_dir(trainer), name), state_dict)
 
 
 class SaveAdapters(Callback):
@@ -84,20 +73,18 @@ class SaveAdapters(Callback):
     # Not rank_zero_only: every rank runs these hooks, so that FSDP can gather the sharded adapter; rank 0 writes.
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.every_epoch and not trainer.sanity_checking:
-            save_adapter_once(trainer, pl_module, f"epoch={trainer.current_epoch}")
+            save_adapter_once(trainer, pl_module, runs.epoch_adapter_name(trainer.current_epoch))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        path = save_adapter_once(trainer, pl_module, "final")
+        path = save_adapter_once(trainer, pl_module, runs.FINAL_ADAPTER)
         rank_zero_info(f"adapter saved to {path}")
 
     @rank_zero_only
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        from lima_lightning.module import NonFiniteLossError
-
         # The non-finite loss was caught before the optimizer step, so the weights are still the last good ones.
         # Not under FSDP: rank 0 holds only a shard, and gathering needs every rank, which an exception may have left.
         if isinstance(exception, NonFiniteLossError) and pl_module.model is not None and not is_fsdp(trainer.strategy):
-            path = save_adapter(pl_module, run_dir(trainer) / "adapters" / "last-good")
+            path = save_adapter(pl_module, runs.adapter_dir(runs.run_dir(trainer), runs.LAST_GOOD_ADAPTER))
             rank_zero_info(f"last good adapter saved to {path}")
             # The CLI prints the error as one line: it should say where to pick up from.
             exception.args = (f"{exception}; the last good adapter is in {path}",)
@@ -136,28 +123,15 @@ class SampleGenerations(Callback):
         conversations = self._conversations(trainer)
         if not conversations:
             return
-        template = trainer.datamodule.hparams.template
-        examples = [
-            {
-                "id": i,
-                "prompt": c.turns[-1] if c.ends_on_user else c.turns[-2],
-                "input_ids": encode_prompt(c, pl_module.tokenizer, template),
-            }
-            for i, c in enumerate(conversations)
-        ]
+        examples = prompts_for_generation(conversations, pl_module.tokenizer, trainer.datamodule.hparams.template)
         batch = pad_for_generation(examples, pl_module.tokenizer.pad_token_id)
         results = pl_module.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=self.max_new_tokens, do_sample=False)
         rows = [
-            {
-                "epoch": trainer.current_epoch,
-                "step": trainer.global_step,
-                "prompt": e["prompt"],
-                **r,
-                **({"reference": c.turns[-1]} if not c.ends_on_user else {}),
-            }
-            for e, c, r in zip(examples, conversations, results, strict=True)
+            {"epoch": trainer.current_epoch, "step": trainer.global_step, "prompt": e["prompt"], **r}
+            | ({"reference": e["reference"]} if e["reference"] is not None else {})
+            for e, r in zip(examples, results, strict=True)
         ]
-        append_jsonl(run_dir(trainer) / "samples.jsonl", rows)
+        append_jsonl(runs.samples_file(runs.run_dir(trainer)), rows)
         if isinstance(trainer.logger, TensorBoardLogger):
             text = "\n\n".join(
                 f"**prompt:** {r['prompt']}\n\n**response** ({r['finish_reason']}, {r['new_tokens']} tokens): {r['response']}" for r in rows
@@ -166,7 +140,7 @@ class SampleGenerations(Callback):
 
 
 class PredictionWriter(BasePredictionWriter):
-    def __init__(self, filename: str = "predictions.jsonl") -> None:
+    def __init__(self, filename: str = runs.PREDICTIONS_FILE) -> None:
         """
         Args:
             filename: Written into the run dir, one JSON line per prompt in input order.
@@ -186,6 +160,6 @@ class PredictionWriter(BasePredictionWriter):
         if len(unique) < len(rows):
             rank_zero_warn(f"predictions: {len(rows) - len(unique)} prompts were answered twice; each is written once")
         rows = sorted(unique.values(), key=lambda r: r["id"])
-        path = write_jsonl_atomically(run_dir(trainer) / self.filename, rows)
+        path = write_jsonl_atomically(runs.run_dir(trainer) / self.filename, rows)
         finished = sum(r["finish_reason"] == "eos" for r in rows)
         rank_zero_info(f"{len(rows)} predictions written to {path} ({finished} stopped at EOS)")

@@ -27,6 +27,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from lima_lightning import runs
 from lima_lightning.errors import UserError
 
 RNG_KEY = "lima_rng_states"
@@ -184,27 +185,22 @@ def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def resolve_resume(ckpt_path: str | None, root_dir: str | os.PathLike, logs_name: str = "lightning_logs") -> tuple[str | None, int | None]:
+def resolve_resume(ckpt_path: str | None, root_dir: str | os.PathLike) -> tuple[str | None, int | None]:
     """(checkpoint file, version of the run dir it belongs to) for `--ckpt_path`.
 
-    `last` is the newest `<root_dir>/<logs_name>/version_*/checkpoints/last.ckpt`; None if there is none
+    `last` is the newest `last.ckpt` of the run dirs under `root_dir` (see `runs`); None if there is none
     (set-and-forget: a job that always passes `--ckpt_path last` starts fresh the first time). The version
     is set when the file lies in a run dir under `root_dir`, so the resumed run appends to that run dir.
     """
     if ckpt_path is None:
         return None, None
-    logs = Path(root_dir) / logs_name
     if ckpt_path == "last":
-        candidates = list(logs.glob("version_*/checkpoints/last.ckpt"))
-        if not candidates:
-            rank_zero_info(f"--ckpt_path last: no checkpoint under {logs}/version_*/checkpoints yet; starting a new run")
+        latest = runs.latest_checkpoint(root_dir)
+        if latest is None:
+            rank_zero_info(f"--ckpt_path last: no checkpoint under {runs.logs_dir(root_dir)}/version_*/checkpoints yet; starting a new run")
             return None, None
-        ckpt_path = str(max(candidates, key=lambda p: p.stat().st_mtime))
+        ckpt_path = str(latest)
     path = Path(ckpt_path)
     if not path.is_file():
         raise UserError(f"--ckpt_path={ckpt_path}: no such file; pass `last` or a <run dir>/checkpoints/*.ckpt file")
-    run_dir = path.resolve().parent.parent
-    match = re.fullmatch(r"version_(\d+)", run_dir.name)
-    if match and run_dir.parent == logs.resolve():
-        return str(path), int(match.group(1))
-    return str(path), None
+    return str(path), runs.run_version(runs.run_of_checkpoint(path), root_dir)

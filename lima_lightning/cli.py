@@ -1,7 +1,7 @@
 """`lima-lightning fit|validate|test|predict`: LightningCLI over the module and the data module.
 
-Commands that need no Trainer (`stats`, `report`, `export`) are plain functions registered in
-`TOOL_COMMANDS`; each module there exposes `main(argv: list[str]) -> None`.
+Commands that need no Trainer (`stats`, `report`, `export`) are registered in `TOOL_COMMANDS`; each module
+there exposes `main(argv: list[str]) -> None`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,15 @@ from lima_lightning.callbacks import PredictionWriter, SampleGenerations, SaveAd
 from lima_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, check_resume_config, load_checkpoint_file, resolve_resume
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.errors import UserError
+from lima_lightning.generation import RENAMED_OPTIONS
 from lima_lightning.module import LIMALoRAModule
 
-TOOL_COMMANDS: dict[str, str] = {"stats": "lima_lightning.stats", "report": "lima_lightning.report", "export": "lima_lightning.export"}
+# Commands that need no Trainer: name -> module exposing `main(argv)`.
+TOOL_COMMANDS: dict[str, str] = {
+    "stats": "lima_lightning.commands.stats",
+    "report": "lima_lightning.report",
+    "export": "lima_lightning.commands.export",
+}
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -33,7 +39,12 @@ class OneLineErrorParser(LightningArgumentParser):
         if not self.exit_on_error or callable(getattr(self, "_error_handler", None)):
             return super().error(message, ex)
         subcommand = self.prog.split()[-1] if self.prog.endswith(("fit", "validate", "test", "predict")) else ""
-        fail(UserError(f"{' '.join(message.split())} (`lima-lightning {subcommand} --help` lists the options)".replace("  ", " ")))
+        fail(
+            UserError(
+                renamed_option_hint(message)
+                or f"{' '.join(message.split())} (`lima-lightning {subcommand} --help` lists the options)".replace("  ", " ")
+            )
+        )
 
 
 class LimaCLI(LightningCLI):
@@ -79,6 +90,17 @@ class LimaCLI(LightningCLI):
         if self._resume_in is not None and type(logger) is TensorBoardLogger:
             version, step = self._resume_in
             self.trainer.logger = TensorBoardLogger(logger.save_dir, name=logger.name, version=version, purge_step=step)
+
+
+def renamed_option_hint(message: str) -> str | None:
+    """One line naming the new key when `message` is jsonargparse refusing a generation option of before 0.2."""
+    import re
+
+    for old, new in RENAMED_OPTIONS.items():
+        # `--model.max_new_tokens 5` on the command line, or `model: {max_new_tokens: 5}` in a config file.
+        if re.search(rf"(model\.{old}\b|['\"]{old}['\"])", message) and ("model" in message):
+            return f"model.{old} is now model.generation.{new} (generation options are grouped); rename it in the config or command line"
+    return None
 
 
 def fail(error: UserError) -> None:

@@ -2,146 +2,28 @@
 
 What a frozen base + LoRA needs beyond what Lightning does by itself:
 
-- **Data.** `StepShardedSampler` shards the training order so that every optimizer step trains on the
-  same conversations, in the same micro-batches, on any number of devices: with the same global batch
-  (devices x micro-batch x `trainer.accumulate_grad_batches`), one GPU accumulating 2 micro-batches and two
-  GPUs with one each see identical batches, hence the same loss curve (to float rounding). Every
-  `data.batching` works: `padded` deals out blocks of `data.batch_size` conversations, `length_grouped` and
-  `packed` whole batches. An epoch that does not split evenly is padded with `Masked` copies that train
-  nothing, so each conversation is trained once per epoch, as on one device (torch's DistributedSampler
-  would train some twice). Prediction needs nothing here: Lightning shards the prompts with its
-  `UnrepeatedDistributedSampler` (no repeats), and `gather_rows` brings the rows back to rank 0.
-- **Loss.** Nothing here: `LIMALoRAModule.on_before_optimizer_step` all-reduces the trained-token count, so
-  the loss is a token-weighted mean over all devices (a device with more trained tokens weighs more).
-- **FSDP.** `prepare_fsdp` fills in, when the user has not set them, what `FSDPStrategy` needs for a frozen
+- **Data**: `data/sampling.py` gives each rank its micro-batches (the same per optimizer step as on one device).
+- **Loss**: `loss.scale_grads` divides by the trained-token count all-reduced over the devices, so the loss is
+  a token-weighted mean over all of them (a device with more trained tokens weighs more).
+- **FSDP**: `prepare_fsdp` fills in, when the user has not set them, what `FSDPStrategy` needs for a frozen
   (NF4 or bf16) base with trainable LoRA weights: an auto-wrap policy (one unit per decoder layer, one per
   LoRA weight, so no flat parameter mixes frozen bf16 with trainable fp32), no FSDP dtype casts (autocast
   computes in bf16, as under DDP), and FSDP's activation checkpointing in place of transformers' own. The NF4
   weights are stored as bf16 (`bnb_4bit_quant_storage`) so FSDP can shard them; see `fsdp_quant_storage`.
-- **Writing once.** Helpers never call collectives from one rank only (`Trainer.log_dir` broadcasts, so the
-  callbacks resolve the run dir without it); under FSDP, gathering the adapter is a collective on all ranks.
+  Only the root FSDP module can clip by the total norm (`clip_gradients`).
+- **Writing once**: helpers never call collectives from one rank only (`Trainer.log_dir` broadcasts, so the
+  callbacks resolve the run dir without it); under FSDP, gathering the adapter is a collective on all ranks;
+  `gather_rows` brings every rank's predictions to rank 0 (Lightning shards the prompts without repeats).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
-
-from lima_lightning.data.tokenization import IGNORE_INDEX
 
 # Wrapper prefixes FSDP and activation checkpointing put into parameter names; state dicts leave them out.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-# ----------------------------------------------------------------------------- data
-class Masked:
-    """A padding item: a copy of `key`'s example(s) with every label ignored, so it trains nothing.
-
-    Under DDP every rank must run every step; when an epoch does not split evenly, the short ranks run these
-    instead of repeating conversations (torch's DistributedSampler repeats them, training them twice).
-    """
-
-    __slots__ = ("key",)
-
-    def __init__(self, key) -> None:
-        self.key = key
-
-    def __repr__(self) -> str:
-        return f"Masked({self.key!r})"
-
-
-class MaskPadding(Dataset):
-    """`dataset[key]` as is, and for `Masked(key)` the same item with all labels set to IGNORE_INDEX."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        if isinstance(key, Masked):
-            return _ignore_labels(self.dataset[key.key])
-        return self.dataset[key]
-
-
-def _ignore_labels(item):
-    # An example ({"input_ids", "labels"}) or nested lists of them (the rows of a token-budget batch).
-    if isinstance(item, dict):
-        return {**item, "labels": [IGNORE_INDEX] * len(item["labels"])}
-    return [_ignore_labels(x) for x in item]
-
-
-def step_blocks(order: list, block: int, num_replicas: int, rank: int) -> list:
-    """`rank`'s share of `order` (its length a multiple of `num_replicas`), in consecutive blocks of `block` items.
-
-    Micro-batch m of rank r is block m * num_replicas + r of `order`, so the blocks of one round (one micro-batch
-    on every rank) are consecutive, exactly as one device takes them one after the other while accumulating.
-    The last, partial round is split evenly, so every rank yields the same number of items and of batches.
-    """
-    if len(order) % num_replicas:
-        raise ValueError(f"len(order)={len(order)} must be a multiple of num_replicas={num_replicas}; pad it first")
-    round_size = block * num_replicas
-    full = len(order) - len(order) % round_size
-    mine = []
-    for start in range(0, full, round_size):
-        mine += order[start + rank * block : start + (rank + 1) * block]
-    tail = order[full:]
-    share = len(tail) // num_replicas
-    return mine + tail[rank * share : (rank + 1) * share]
-
-
-class StepShardedSampler(DistributedSampler):
-    """A rank's share of another sampler's epoch, in `step_blocks`; a DistributedSampler, so Lightning keeps it.
-
-    Lightning would otherwise wrap the training sampler in a `DistributedSamplerWrapper`, which deals the order
-    out one item at a time (rank r gets positions r, r + N, ...): each optimizer step would still see the same
-    conversations, but grouped into other micro-batches than on one device, with other padding. A sampler of
-    whole batches (`data.batching: length_grouped | packed`) is sharded by batch (`block=1`). Padding to a
-    multiple of the number of ranks uses `Masked` copies of the first items.
-    """
-
-    def __init__(self, sampler: Sampler, block: int, num_replicas: int, rank: int) -> None:
-        """
-        Args:
-            sampler: Yields the epoch's items (example indices, or whole batches) for the epoch set with
-                `set_epoch`; every rank must get the same sequence (e.g. `EpochShuffle`, `TokenBudgetSampler`).
-            block: Items per micro-batch: `data.batch_size` for examples, 1 for a sampler of whole batches.
-            num_replicas: Number of processes (`trainer.world_size`).
-            rank: This process's global rank.
-        """
-        # The dataset argument only sets num_samples = ceil(len / num_replicas), as torch does.
-        super().__init__(range(len(sampler)), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.sampler = sampler
-        self.block = block
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        if callable(getattr(self.sampler, "set_epoch", None)):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        order = list(self.sampler)
-        padding = self.total_size - len(order)
-        order += [Masked(item) for item in (order * math.ceil(padding / max(len(order), 1)))[:padding]]
-        return iter(step_blocks(order, self.block, self.num_replicas, self.rank))
-
-
-def shard_train_loader(loader_args: dict, trainer) -> dict:
-    """One device's train-loader arguments (dataset, sampler, batch_size, ...) made into this rank's share.
-
-    `batch_size=None` means the sampler yields whole batches; those are dealt out one per rank per round.
-    Unchanged on a single process.
-    """
-    world_size = trainer.world_size if trainer is not None else 1
-    if world_size == 1:
-        return loader_args
-    block = loader_args["batch_size"] or 1
-    sampler = StepShardedSampler(loader_args["sampler"], block, world_size, trainer.global_rank)
-    return {**loader_args, "dataset": MaskPadding(loader_args["dataset"]), "sampler": sampler}
 
 
 # ----------------------------------------------------------------------------- strategies
@@ -235,6 +117,18 @@ def clean_param_name(name: str) -> str:
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
+
+
+def clip_gradients(module, optimizer, gradient_clip_val, gradient_clip_algorithm) -> None:
+    """Lightning's gradient clipping, except by the total norm under FSDP, which only the root FSDP module can do.
+
+    Each rank holds a shard of the gradient there (Lightning's own norm clipping refuses FSDP); a collective,
+    like every hook under FSDP.
+    """
+    if gradient_clip_val and is_fsdp(module.trainer.strategy) and gradient_clip_algorithm in (None, "norm"):
+        module.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        return
+    module.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
 
 def global_grad_norm(grads: list[torch.Tensor], strategy) -> torch.Tensor:

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input or configuration. The message names the option or file:line, the value and the fix."""
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite; the run stops before the optimizer applies it."""

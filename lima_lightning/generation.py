@@ -18,14 +18,58 @@ GENERATION_MEMORY_FRACTION = 0.9  # of the GPU's total memory; the rest is the a
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """How `predict`, `chat`, the samples callback and an export's `generation_config.json` generate.
+
+    Args:
+        max_new_tokens: Generation limit per prompt; a sequence that hits it ends with finish_reason `length`.
+        do_sample: Sample (true) or decode greedily (false).
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling threshold.
+        seed: Seed for sampling, so the same run gives the same generations.
+        cache: KV cache. `static`: allocated once per chunk of prompts (prompt + max_new_tokens per row), no
+            copying while decoding; `dynamic`: grows (and is copied) every step. Either way a predict batch is
+            generated in as few chunks as fit the GPU's memory.
+        merge: predict: merge the adapter into the base (bf16 on GPU, fp32 on CPU; an NF4 base is dequantized
+            first, as `lima-lightning export` does) and generate with that: much faster from an NF4 base, whose
+            4-bit matmuls are slow to generate with; needs the bf16 base's memory (~13 GB for 7B). Logits match the
+            unmerged model to bf16 rounding, so samples can differ. `auto`: merge when the merged copy, made while
+            the base is still loaded, takes at most 3/4 of the GPU (a 7B model: 24 GB GPUs and up).
+        compile: torch.compile the decoding step with CUDA graphs (static cache; CUDA only, a bf16 base or merge:
+            an NF4 base decodes uncompiled). The first batch compiles (about a minute for 7B).
+    """
+
     max_new_tokens: int = 500
     do_sample: bool = True
     temperature: float = 0.8
     top_p: float = 0.9
-    # `static`: the KV cache of the whole chunk is allocated once (prompt + max_new_tokens per row); `dynamic`
-    # grows it every step by copying it, which costs more memory traffic the larger the batch.
+    seed: int = 0
     cache: Literal["dynamic", "static"] = "static"
-    compile: bool = False  # torch.compile the decoding step (CUDA graphs); needs the static cache
+    merge: bool | Literal["auto"] = False
+    compile: bool = False
+
+    def problems(self) -> list[str]:
+        """Out-of-range values, each naming its option."""
+        found = []
+        if self.max_new_tokens < 1:
+            found.append(f"model.generation.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.do_sample and self.temperature <= 0:
+            found.append(f"model.generation.temperature={self.temperature}: must be > 0 when sampling (do_sample: false for greedy)")
+        if self.do_sample and not 0 < self.top_p <= 1:
+            found.append(f"model.generation.top_p={self.top_p}: must be in (0, 1]")
+        return found
+
+
+# Before 0.2 these were flat `model.*` options; an old config or command line gets one line naming the new key.
+RENAMED_OPTIONS = {
+    "max_new_tokens": "max_new_tokens",
+    "do_sample": "do_sample",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "generation_cache": "cache",
+    "merge_for_generation": "merge",
+    "compile_generation": "compile",
+}
 
 
 def kv_cache_bytes_per_token(config, dtype_bytes: int) -> int:
@@ -52,7 +96,7 @@ def rows_per_chunk(config, rows: int, prompt_len: int, max_new_tokens: int, dtyp
     if fit < 1:
         raise torch.cuda.OutOfMemoryError(
             f"generation: one prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} needs more memory than is "
-            f"free ({budget_bytes / 2**30:.1f} GiB); lower model.max_new_tokens or data.max_seq_length"
+            f"free ({budget_bytes / 2**30:.1f} GiB); lower model.generation.max_new_tokens or data.max_seq_length"
         )
     return int(min(rows, fit))
 

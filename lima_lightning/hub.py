@@ -30,19 +30,21 @@ def hub_errors(option: str, name: str, kind: str = "model", local_hint: str = "p
     try:
         yield
     except GatedRepoError:
-        raise UserError(f"{option}={name}: the {kind} is gated; accept its terms on {page} and set HF_TOKEN in the environment, or {local_hint}") from None
+        raise UserError(
+            f"{option}={name}: the {kind} is gated; accept its terms on {page} and set HF_TOKEN in the environment, or {local_hint}"
+        ) from None
     except RepositoryNotFoundError:
         hint = "set HF_TOKEN in the environment" if hub_token() is None else "check the name and that HF_TOKEN has access"
         raise UserError(f"{option}={name}: no such {kind} on the hub (or it is gated): {hint}, or {local_hint}") from None
     except LocalEntryNotFoundError:
-        raise UserError(
-            f"{option}={name}: not in the local cache and the hub is unreachable; check the network, or {local_hint}"
-        ) from None
+        raise UserError(f"{option}={name}: not in the local cache and the hub is unreachable; check the network, or {local_hint}") from None
     except (HfHubHTTPError, OSError) as e:
         if isinstance(e, UserError):
             raise
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise UserError(f"{option}={name}: could not reach the hub ({type(e).__name__}: {reason}); check the network and HF_TOKEN, or {local_hint}") from None
+        raise UserError(
+            f"{option}={name}: could not reach the hub ({type(e).__name__}: {reason}); check the network and HF_TOKEN, or {local_hint}"
+        ) from None
 
 
 def download_dataset_file(repo_id: str, filename: str, option: str) -> str:

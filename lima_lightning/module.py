@@ -1,31 +1,29 @@
-"""LIMALoRAModule: a frozen Llama base (NF4 or bf16) with trainable LoRA adapters and the masked NLL."""
+"""LIMALoRAModule: a frozen Llama base (NF4 or bf16) with trainable LoRA adapters and the masked NLL.
+
+The Lightning hooks live here; what they call lives in the modules named for it: `loss` (the NLL and the
+token-weighted gradient scaling), `metrics` (per-step bookkeeping), `optim` (optimizer, schedule),
+`models.loading` / `models.merging` / `models.speed` (the model), `generation`, `distributed` (FSDP).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import math
-import time
+from dataclasses import asdict
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
-from lima_lightning.data.batching import count_tokens, model_inputs
-from lima_lightning.distributed import clean_param_name, fsdp_quant_storage, global_grad_norm, is_fsdp, prepare_fsdp
+from lima_lightning.distributed import clean_param_name, clip_gradients, fsdp_quant_storage, is_fsdp, prepare_fsdp
 from lima_lightning.errors import UserError
 from lima_lightning.generation import GenerationSettings, generate
-from lima_lightning.loss import head_nll_sum, masked_nll_sum
+from lima_lightning.loss import head_nll_sum, masked_nll_sum, scale_grads
+from lima_lightning.metrics import StepTally, check_finite, train_metrics
 from lima_lightning.models.loading import LLAMA_PROJECTIONS
+from lima_lightning.optim import OptimizerName, SchedulerName, build_optimizer, build_scheduler
 
 # Models whose logits are exactly lm_head(last hidden state): no soft-capping or logit scaling in between.
 HEAD_ONLY_MODEL_TYPES = ("llama", "mistral")
-
-OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
-
-
-class NonFiniteLossError(UserError):
-    """The training loss became NaN or infinite; the run stops before the optimizer applies it."""
 
 
 class LIMALoRAModule(L.LightningModule):
@@ -46,16 +44,9 @@ class LIMALoRAModule(L.LightningModule):
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
-        scheduler: Literal["cosine", "linear", "constant"] = "cosine",
+        scheduler: SchedulerName = "cosine",
         adapter_path: str | None = None,
-        max_new_tokens: int = 500,
-        do_sample: bool = True,
-        temperature: float = 0.8,
-        top_p: float = 0.9,
-        seed: int = 0,
-        merge_for_generation: bool | Literal["auto"] = False,
-        generation_cache: Literal["dynamic", "static"] = "static",
-        compile_generation: bool = False,
+        generation: GenerationSettings = GenerationSettings(),
         trust_remote_code: bool = False,
     ) -> None:
         """
@@ -74,8 +65,8 @@ class LIMALoRAModule(L.LightningModule):
             attn_implementation: Training attention kernel. `sdpa`: PyTorch's fused kernels (causal flash for
                 unpacked rows). `flex_attention` (CUDA only, compiles a kernel at the first step): skips the
                 blocks a packed row masks out. `eager`: plain matmuls, for debugging.
-            compile: torch.compile each decoder layer (the layers share their graphs; the first step compiles, ~1-2 min
-                for 7B); generation runs the layers uncompiled.
+            compile: torch.compile each decoder layer (the layers share their graphs; the first steps compile,
+                ~1-2 min for 7B); generation runs the layers uncompiled. Pays off over long runs.
             lora_dtype: Adapter weight dtype. `bfloat16` halves adapter, gradient and AdamW-state memory (the
                 low-memory recipe) at the cost of update precision; `float32` otherwise.
             loss_chunk_size: Trained tokens sent through the LM head at once, each chunk recomputed in backward:
@@ -87,53 +78,32 @@ class LIMALoRAModule(L.LightningModule):
             scheduler: Learning-rate decay after warmup.
             adapter_path: A saved adapter directory to start from (fit) or generate with (predict);
                 without it, fit starts fresh adapters and predict uses the base model alone.
-            max_new_tokens: Generation limit per prompt.
-            do_sample: Sample (true) or decode greedily (false).
-            temperature: Sampling temperature.
-            top_p: Nucleus sampling threshold.
-            seed: Seed for sampling, so the same run gives the same generations.
-            merge_for_generation: predict only: merge the adapter into the base (bf16 on GPU, fp32 on CPU; an
-                NF4 base is dequantized first, as `lima-lightning export` does) and generate with that. Much
-                faster with an NF4 base, whose 4-bit matmuls are slow to generate with; needs the bf16 base's
-                memory (~13 GB for 7B). Logits match the unmerged model to bf16 rounding, so samples can differ.
-                `auto`: merge when the merged copy, made while the base is still loaded, takes at most 3/4 of the
-                GPU (a 7B model: on 24 GB GPUs and up), leaving the rest for generation's KV caches.
-            generation_cache: KV cache for generation. `static`: allocated once per chunk of prompts (prompt +
-                max_new_tokens per row), no copying while decoding; `dynamic`: grows (and is copied) every step.
-                Either way a predict batch is generated in as few chunks as fit the GPU's memory.
-            compile_generation: torch.compile the decoding step with CUDA graphs (static cache; CUDA only, a bf16
-                base or merge_for_generation: an NF4 base decodes uncompiled). The first batch compiles (about a
-                minute for 7B); worth it for large prompt sets, and best with one large predict batch.
+            generation: How predict, chat and the samples callback generate (`--model.generation.*`).
             trust_remote_code: Run model code shipped in the base model's repository. Off: only
                 turn it on for repositories you trust.
         """
         super().__init__()
+        self.generation = GenerationSettings(**generation) if isinstance(generation, dict) else generation
         self.save_hyperparameters()
-        problems = []
-        if lora_r <= 0:
-            problems.append(f"model.lora_r={lora_r}: must be a positive integer, e.g. 8, 16 or 64")
-        if lora_alpha <= 0:
-            problems.append(f"model.lora_alpha={lora_alpha}: must be positive")
-        if not 0.0 <= lora_dropout < 1.0:
-            problems.append(f"model.lora_dropout={lora_dropout}: must be in [0, 1)")
-        if learning_rate <= 0:
-            problems.append(f"model.learning_rate={learning_rate}: must be positive, e.g. 2e-4")
-        if not 0.0 <= warmup_ratio < 1.0:
-            problems.append(f"model.warmup_ratio={warmup_ratio}: must be in [0, 1)")
-        if max_new_tokens < 1:
-            problems.append(f"model.max_new_tokens={max_new_tokens}: must be >= 1")
-        if loss_chunk_size < 0:
-            problems.append(f"model.loss_chunk_size={loss_chunk_size}: must be >= 0 (0: no chunking), e.g. 1024")
-        if problems:
-            raise UserError("; ".join(problems))
-        self.generation = GenerationSettings(max_new_tokens, do_sample, temperature, top_p, generation_cache, compile_generation)
+        self.hparams.generation = asdict(self.generation)  # plain values: checkpoints load with weights_only
+        check_options(self.hparams, self.generation)
         self.model = None
         self.tokenizer = None
         # Checkpoints hold only the adapter (see on_save_checkpoint); the frozen base is reloaded.
         self.strict_loading = False
         self.compile_backend = "inductor"  # tests and the CPU benchmark smoke run use "aot_eager"
         self.speed_settings: dict = {}
-        self._reset_step_window()
+        self.step_tally = StepTally()
+
+    @classmethod
+    def around(cls, model, tokenizer, **options) -> LIMALoRAModule:
+        """A module around an already-loaded PEFT model and tokenizer (benchmarks, tests): nothing is loaded again.
+
+        `options` are the constructor's; they must describe `model` (base_model, quantization, LoRA shape).
+        """
+        module = cls(**options)
+        module.model, module.tokenizer = model, tokenizer
+        return module
 
     # ----------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -153,6 +123,7 @@ class LIMALoRAModule(L.LightningModule):
 
     def _load_model(self) -> None:
         from lima_lightning.models.loading import add_lora, load_adapter, load_base_model, load_tokenizer
+        from lima_lightning.models.merging import decide_merge, merge_into_base
 
         hp = self.hparams
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
@@ -162,16 +133,10 @@ class LIMALoRAModule(L.LightningModule):
         quant_storage = fsdp_quant_storage(self.trainer.strategy) if self._trainer is not None else None
         base = load_base_model(hp.base_model, hp.quantization, device, hp.trust_remote_code, quant_storage=quant_storage)
         training = self._trainer is None or self.trainer.training or self.trainer.state.fn == "fit"
-        merge = not training and self.trainer.state.fn == "predict" and hp.merge_for_generation
-        if merge == "auto":
-            from lima_lightning.export import merged_copy_fits
-
-            merge, reason = merged_copy_fits(base, device)
-            rank_zero_info(f"model.merge_for_generation=auto: {'merging' if merge else 'not merging'} ({reason})")
-        if merge:
-            from lima_lightning.export import merge_into_base
-
-            self.model = merge_into_base(base, hp.adapter_path, hp.base_model, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        predicting = not training and self.trainer.state.fn == "predict"
+        if predicting and decide_merge(self.generation.merge, base, device):
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            self.model = merge_into_base(base, hp.adapter_path, hp.base_model, dtype)
         elif hp.adapter_path:
             self.model = load_adapter(base, hp.adapter_path, hp.base_model, trainable=training)
         else:
@@ -213,81 +178,48 @@ class LIMALoRAModule(L.LightningModule):
         check_adapter_fits(self, checkpoint, self.trainer.ckpt_path if self._trainer is not None else None)
 
     # ----------------------------------------------------------------------------- loss
-    def masked_nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of NLL over trained tokens, their count): the only place a loss is computed."""
-        # No attention mask: batches are right-padded or packed (see data/batching.py), and use_cache=False,
-        # without which transformers would not read packed rows' position restarts.
-        inputs = model_inputs(batch)
+    def masked_nll(self, batch: dict, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of NLL over trained tokens, their count), per row with `per_row`: the only place a loss is computed."""
+        # No attention mask: rows are right-padded or packed, and use_cache=False, without which transformers
+        # would not read packed rows' position restarts (see data/collate.py).
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if base.config.model_type not in HEAD_ONLY_MODEL_TYPES:
-            return masked_nll_sum(self.model(**inputs, use_cache=False).logits, batch["labels"])
+            return masked_nll_sum(self.model(**inputs).logits, batch["labels"], per_row)
         # Logits are a plain linear map of the last hidden state here, so the head runs at trained positions only.
-        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        return head_nll_sum(hidden, base.get_output_embeddings(), batch["labels"], self.hparams.loss_chunk_size)
-
-    def _reset_step_window(self) -> None:
-        self._step_nll = torch.zeros(())
-        self._step_tokens = torch.zeros((), dtype=torch.long)
-        self._step_seen_tokens = 0
-        self._step_started = time.perf_counter()
+        hidden = base.get_decoder()(**inputs).last_hidden_state
+        return head_nll_sum(hidden, base.get_output_embeddings(), batch["labels"], self.hparams.loss_chunk_size, per_row)
 
     def on_train_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.logger is not None and datamodule is not None:
             for split, stats in getattr(datamodule, "stats", {}).items():
                 self.logger.log_metrics({f"data/{split}_{k}": v for k, v in stats.as_dict().items()}, step=0)
-        self._reset_step_window()
+        self.step_tally.reset()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        nll, n_trained = self.masked_nll(batch)
-        self._step_nll = self._step_nll.to(nll.device) + nll.detach()
-        self._step_tokens = self._step_tokens.to(nll.device) + n_trained
-        self._step_seen_tokens += count_tokens(batch)
-        # Backward runs on the *sum*; on_before_optimizer_step divides the accumulated gradient by the
-        # number of trained tokens in the whole optimizer step (all micro-batches, all devices), so every
-        # token weighs the same: a token-weighted mean, not a mean of per-batch means.
-        return nll
+        nll, trained = self.masked_nll(batch)
+        self.step_tally.add(nll, trained, batch["num_tokens"])
+        return nll  # a sum: on_before_optimizer_step divides by the step's trained tokens
 
     def on_before_optimizer_step(self, optimizer) -> None:
         strategy = self.trainer.strategy
-        tokens = strategy.reduce(self._step_tokens.float(), reduce_op="sum")
-        nll = strategy.reduce(self._step_nll, reduce_op="sum")
-        loss = nll / tokens.clamp(min=1)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"train loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                "the update was not applied; lower model.learning_rate or check the data"
-            )
+        step = self.step_tally.totals(strategy)
+        check_finite(step.loss, self.global_step, self.current_epoch)
         # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over devices.
-        scale = self.trainer.accumulate_grad_batches * strategy.world_size / tokens.clamp(min=1)
-        params = [p for p in self.trainable_parameters() if p.grad is not None]
-        if params:  # a few multi-tensor kernels, not one per adapter weight
-            torch._foreach_mul_([p.grad for p in params], scale)
-        elapsed = time.perf_counter() - self._step_started
-        metrics = {
-            "train/loss": loss,
-            "train/perplexity": torch.exp(loss),
-            "train/grad_norm": global_grad_norm([p.grad for p in params], strategy),
-            "train/lr": optimizer.param_groups[0]["lr"],
-            "train/trained_tokens_per_sec": tokens / max(elapsed, 1e-9),
-            # Tokens (padding excluded) all devices processed in this step; rank 0's times the world size would
-            # be off by how unevenly lengths fall on the devices.
-            "train/tokens_per_sec": strategy.reduce(tokens.new_tensor(float(self._step_seen_tokens)), reduce_op="sum") / max(elapsed, 1e-9),
-        }
-        if self.device.type == "cuda":
-            metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        params = self.trainable_parameters()
+        scale_grads(params, self.trainer.accumulate_grad_batches * strategy.world_size / step.trained_tokens.clamp(min=1))
+        metrics = train_metrics(step, params, strategy, optimizer.param_groups[0]["lr"], self.device)
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
-        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False, rank_zero_only=True)
-        self._reset_step_window()
+        self.log("loss", step.loss, prog_bar=True, on_step=True, on_epoch=False, logger=False, rank_zero_only=True)
+        self.step_tally.reset()
 
     def on_validation_epoch_start(self) -> None:
-        self._val_nll = torch.zeros((), device=self.device)
-        self._val_tokens = torch.zeros((), device=self.device)
+        self._eval_tally = StepTally()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        nll, n_trained = self.masked_nll(batch)
-        self._val_nll += nll
-        self._val_tokens += n_trained
+        nll, trained = self.masked_nll(batch)
+        self._eval_tally.add(nll, trained, batch["num_tokens"])
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_loss("val")
@@ -302,49 +234,24 @@ class LIMALoRAModule(L.LightningModule):
         self._log_eval_loss("test")
 
     def _log_eval_loss(self, split: str) -> None:
-        nll = self.trainer.strategy.reduce(self._val_nll, reduce_op="sum")
-        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
-        loss = nll / tokens.clamp(min=1)
+        loss = self._eval_tally.totals(self.trainer.strategy).loss
         self.log_dict({f"{split}/loss": loss, f"{split}/perplexity": torch.exp(loss)}, prog_bar=True, rank_zero_only=True)
 
     # ----------------------------------------------------------------------------- optimizer
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if gradient_clip_val and is_fsdp(self.trainer.strategy) and gradient_clip_algorithm in (None, "norm"):
-            # Each rank holds a shard of the gradient: only the root FSDP module can clip by the total norm
-            # (Lightning's own norm clipping refuses FSDP). A collective, like every hook here under FSDP.
-            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
-            return
-        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        from transformers import get_scheduler
-
         hp = self.hparams
-        params = self.trainable_parameters()
-        if hp.optimizer == "adamw":
-            # foreach (the CUDA default), not fused: Lightning refuses gradient clipping with a fused AdamW under AMP.
-            optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        else:
-            import bitsandbytes as bnb
-
-            optimizer_class = {
-                "adamw_8bit": bnb.optim.AdamW8bit,
-                "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-                "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-            }
-            optimizer = optimizer_class[hp.optimizer](params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        name = {"constant": "constant_with_warmup"}.get(hp.scheduler, hp.scheduler)
-        scheduler = get_scheduler(
-            name, optimizer, num_warmup_steps=math.ceil(hp.warmup_ratio * total_steps), num_training_steps=total_steps
-        )
+        optimizer = build_optimizer(self.trainable_parameters(), hp.optimizer, hp.learning_rate, hp.weight_decay)
+        scheduler = build_scheduler(optimizer, hp.scheduler, int(self.trainer.estimated_stepping_batches), hp.warmup_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------------- generation
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **overrides) -> list[dict]:
-        settings = GenerationSettings(**{**vars(self.generation), **overrides})
+        settings = GenerationSettings(**{**asdict(self.generation), **overrides})
         # model.compile compiles the layers for training batches; decoding with a KV cache would recompile them
-        # (compile_generation compiles the whole decoding step instead).
+        # (generation.compile compiles the whole decoding step instead).
         layers_eager = self.hparams.compile and not settings.compile
         eager = torch.compiler.set_stance("force_eager") if layers_eager else contextlib.nullcontext()
         with eager:
@@ -352,9 +259,29 @@ class LIMALoRAModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         # Seeded per batch, so a batch's samples do not depend on what ran before it.
-        torch.manual_seed(self.hparams.seed + batch_idx)
+        torch.manual_seed(self.generation.seed + batch_idx)
         results = self.generate(batch["input_ids"], batch["attention_mask"])
         return [
             {"id": i, "prompt": prompt, **result, **({"reference": ref} if ref is not None else {})}
             for i, prompt, ref, result in zip(batch["id"], batch["prompt"], batch["reference"], results, strict=True)
         ]
+
+
+def check_options(hp, generation: GenerationSettings) -> None:
+    """Every out-of-range option at once, in one line."""
+    problems = []
+    if hp.lora_r <= 0:
+        problems.append(f"model.lora_r={hp.lora_r}: must be a positive integer, e.g. 8, 16 or 64")
+    if hp.lora_alpha <= 0:
+        problems.append(f"model.lora_alpha={hp.lora_alpha}: must be positive")
+    if not 0.0 <= hp.lora_dropout < 1.0:
+        problems.append(f"model.lora_dropout={hp.lora_dropout}: must be in [0, 1)")
+    if hp.learning_rate <= 0:
+        problems.append(f"model.learning_rate={hp.learning_rate}: must be positive, e.g. 2e-4")
+    if not 0.0 <= hp.warmup_ratio < 1.0:
+        problems.append(f"model.warmup_ratio={hp.warmup_ratio}: must be in [0, 1)")
+    if hp.loss_chunk_size < 0:
+        problems.append(f"model.loss_chunk_size={hp.loss_chunk_size}: must be >= 0 (0: no chunking), e.g. 1024")
+    problems += generation.problems()
+    if problems:
+        raise UserError("; ".join(problems))

@@ -33,6 +33,20 @@ EVENTS_GLOB = "events.out.tfevents.*"
 _VERSION = re.compile(r"version_(\d+)")
 
 
+def run_dir(trainer) -> Path:
+    """Lightning's log dir (`<default_root_dir>/lightning_logs/version_N`): config, events, adapters, outputs.
+
+    Read from the logger, not `trainer.log_dir`: that broadcasts from rank 0, a collective, and the callbacks
+    here call this on rank 0 alone; the other ranks would never join it (a hang under DDP).
+    """
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        return Path(logger.log_dir)
+    return Path((logger.save_dir if logger is not None else None) or trainer.default_root_dir)
+
+
 def adapter_dir(run: Path, name: str) -> Path:
     """`<run>/adapters/<name>`: `final`, `epoch=E` or `last-good`."""
     return Path(run) / ADAPTERS_DIR / name
@@ -56,6 +70,10 @@ def epoch_adapters(run: Path) -> list[Path]:
 
 def config_file(run: Path) -> Path:
     return Path(run) / CONFIG_FILE
+
+
+def samples_file(run: Path) -> Path:
+    return Path(run) / SAMPLES_FILE
 
 
 def checkpoint_dir(run: Path) -> Path:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LIMA_SHARED", REPO.parent / "shared"))
@@ -90,3 +91,14 @@ def demo_args(root: Path, *extra: str) -> list[str]:
         "2",
         *extra,
     ]
+
+
+def padded_batch(examples: list[dict], pad_id: int) -> dict:
+    """The plain padded batch (one example per row, through the product's one collator) plus the attention
+    mask a plain training loop would pass to the model: the reference the tests compare the product with."""
+    from lima_lightning.data.collate import collate_rows
+
+    batch = collate_rows([[e] for e in examples], pad_id)
+    lengths = [len(e["input_ids"]) for e in examples]
+    batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1]) < torch.tensor(lengths)[:, None]).long()
+    return batch

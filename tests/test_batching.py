@@ -10,19 +10,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lima_lightning.data.batching import (
-    TokenBudgetSampler,
-    collate_rows,
-    count_tokens,
-    length_grouped_batches,
-    pack_rows,
-    padding_fraction,
-)
-from lima_lightning.data.collate import pad_for_training
+from lima_lightning.data.collate import collate_rows
+from lima_lightning.data.sampling import MicroBatchSampler, length_grouped_batches, pack_rows
 from lima_lightning.data.tokenization import IGNORE_INDEX
-from tests.conftest import LIMA_TRAIN, needs_lima
+from tests.conftest import LIMA_TRAIN, needs_lima, padded_batch
 
-MODES = ["length_grouped", "packed"]
+MODES = ["padded", "length_grouped", "packed"]
+
+
+def sampler_for(lengths, mode, max_tokens=2048, row_tokens=512, seed=0, step_group=1) -> MicroBatchSampler:
+    return MicroBatchSampler(lengths, mode, batch_size=4, max_tokens=max_tokens, row_tokens=row_tokens, seed=seed, step_group=step_group)
+
+
+def padding_fraction(batches, lengths) -> float:
+    """Share of the tensor cells (rows x width, summed over batches) that hold padding."""
+    real = sum(lengths[i] for batch in batches for row in batch for i in row)
+    cells = sum(len(batch) * max(sum(lengths[i] for i in row) for row in batch) for batch in batches)
+    return 1.0 - real / cells
 
 
 def random_lengths(n: int = 300, seed: int = 0, longest: int = 512) -> list[int]:
@@ -39,7 +43,7 @@ def flat(batches) -> list[int]:
 @pytest.mark.parametrize("mode", MODES)
 def test_every_example_exactly_once_per_epoch_and_len_is_constant(mode):
     lengths = random_lengths()
-    sampler = TokenBudgetSampler(lengths, mode, max_tokens=2048, row_tokens=512, seed=3)
+    sampler = sampler_for(lengths, mode, seed=3)
     for epoch in range(4):
         sampler.set_epoch(epoch)
         batches = list(sampler)
@@ -51,25 +55,25 @@ def test_every_example_exactly_once_per_epoch_and_len_is_constant(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_order_is_a_pure_function_of_seed_and_epoch(mode):
     lengths = random_lengths()
-    a = TokenBudgetSampler(lengths, mode, 2048, 512, seed=3)
-    b = TokenBudgetSampler(lengths, mode, 2048, 512, seed=3)
+    a = sampler_for(lengths, mode, seed=3)
+    b = sampler_for(lengths, mode, seed=3)
     for epoch in (0, 1, 2):  # `a` walks through epochs 0..2; `b` jumps straight to 2, as a resumed run does
         a.set_epoch(epoch)
         list(a)
     b.set_epoch(2)
-    assert list(a) == list(b) == a.batches(2)
-    assert a.batches(2) != a.batches(3)  # a new order each epoch
-    assert TokenBudgetSampler(lengths, mode, 2048, 512, seed=4).batches(2) != a.batches(2)
+    assert list(a) == list(b) == a.epoch_batches(2)
+    assert a.epoch_batches(2) != a.epoch_batches(3)  # a new order each epoch
+    assert sampler_for(lengths, mode, seed=4).epoch_batches(2) != a.epoch_batches(2)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_token_budget_and_row_capacity_are_respected(mode):
     lengths = random_lengths()
-    sampler = TokenBudgetSampler(lengths, mode, max_tokens=2048, row_tokens=512, seed=0)
+    sampler = sampler_for(lengths, mode)
     examples = [{"input_ids": [5] * n, "labels": [7] * n} for n in lengths]
     biggest = 0
     for epoch in range(3):
-        for batch in sampler.batches(epoch):
+        for batch in sampler.epoch_batches(epoch):
             tensors = collate_rows([[examples[i] for i in row] for row in batch], pad_id=0)
             rows, width = tensors["input_ids"].shape
             assert rows * width <= 2048 and width <= 512
@@ -92,8 +96,8 @@ def test_one_optimizer_steps_micro_batches_are_neighbours_of_the_plan():
     neither rank waits long for the other; the epoch is still every batch once, in a new order per epoch."""
     lengths = random_lengths(600)
     plan = length_grouped_batches(lengths, 2048, seed=0)
-    grouped = TokenBudgetSampler(lengths, "length_grouped", 2048, 512, seed=0, step_group=2)
-    ungrouped = TokenBudgetSampler(lengths, "length_grouped", 2048, 512, seed=0)
+    grouped = sampler_for(lengths, "length_grouped", step_group=2)
+    ungrouped = sampler_for(lengths, "length_grouped")
 
     def cost(batch) -> int:  # what a step waits for: rows x width, plus attention's square term
         width = lengths[batch[0][0]]
@@ -104,14 +108,14 @@ def test_one_optimizer_steps_micro_batches_are_neighbours_of_the_plan():
         return sum(abs(cost(a) - cost(b)) for a, b in steps) / sum(2 * max(cost(a), cost(b)) for a, b in steps)
 
     for epoch in (0, 1):
-        batches = grouped.batches(epoch)
+        batches = grouped.epoch_batches(epoch)
         assert sorted(map(str, batches)) == sorted(map(str, plan))
         position = {str(batch): i for i, batch in enumerate(plan)}
         for k in range(0, len(batches) - 1, 2):
             first, second = position[str(batches[k])], position[str(batches[k + 1])]
             assert first % 2 == 0 and second == first + 1, (epoch, k)
-        assert waiting(batches) < waiting(ungrouped.batches(epoch)) / 3
-    assert grouped.batches(0) != grouped.batches(1)
+        assert waiting(batches) < waiting(ungrouped.epoch_batches(epoch)) / 3
+    assert grouped.epoch_batches(0) != grouped.epoch_batches(1)
 
 
 def test_first_fit_decreasing_fills_rows():
@@ -125,9 +129,9 @@ def test_first_fit_decreasing_fills_rows():
 
 def test_an_example_longer_than_the_budget_is_refused():
     with pytest.raises(ValueError, match="exceeds"):
-        TokenBudgetSampler([10, 600], "packed", max_tokens=1024, row_tokens=512, seed=0)
+        sampler_for([10, 600], "packed", max_tokens=1024, row_tokens=512)
     with pytest.raises(ValueError, match="exceeds"):
-        TokenBudgetSampler([10, 600], "length_grouped", max_tokens=512, row_tokens=512, seed=0)
+        sampler_for([10, 600], "length_grouped", max_tokens=512, row_tokens=512)
 
 
 def plain_batches(n: int, batch_size: int, seed: int):
@@ -144,25 +148,37 @@ def test_padding_fraction_on_lima_lengths_is_far_below_plain(llama2_tokenizer):
     examples, _ = tokenize_for_training(read_conversations(LIMA_TRAIN), llama2_tokenizer, "llama2-chat", 2048)
     lengths = [len(e["input_ids"]) for e in examples]
     plain = padding_fraction(plain_batches(len(lengths), 4, seed=0), lengths)
-    grouped = padding_fraction(TokenBudgetSampler(lengths, "length_grouped", 8192, 2048, seed=0).batches(0), lengths)
-    packed = padding_fraction(TokenBudgetSampler(lengths, "packed", 8192, 2048, seed=0).batches(0), lengths)
+    grouped = padding_fraction(sampler_for(lengths, "length_grouped", 8192, 2048).epoch_batches(0), lengths)
+    packed = padding_fraction(sampler_for(lengths, "packed", 8192, 2048).epoch_batches(0), lengths)
     assert plain > 0.35  # the issue's reference: ~45% padding at batch 4
     assert grouped < 0.05 and packed < 0.01, (plain, grouped, packed)
 
 
 # ----------------------------------------------------------------------------- the collator
-def test_collate_rows_restarts_positions_and_ignores_each_first_label():
+def test_collate_rows_restarts_positions_and_copies_the_labels():
     a = {"input_ids": [1, 10, 11], "labels": [IGNORE_INDEX, 10, 11]}
-    b = {"input_ids": [1, 20], "labels": [1, 20]}  # a first label that is trained is still never a target
+    b = {"input_ids": [1, 20], "labels": [IGNORE_INDEX, 20]}
     c = {"input_ids": [1, 30, 31, 32], "labels": [IGNORE_INDEX, IGNORE_INDEX, 31, 32]}
     batch = collate_rows([[a, b], [c]], pad_id=0)
     X = IGNORE_INDEX
+    assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens"}
     assert batch["input_ids"].tolist() == [[1, 10, 11, 1, 20], [1, 30, 31, 32, 0]]
     assert batch["labels"].tolist() == [[X, 10, 11, X, 20], [X, X, 31, 32, X]]
     # Restarts mark each conversation; the padding tail continues the last one, so row 2 is plain 0..4.
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
-    assert batch["num_tokens"] == count_tokens(batch) == 9
-    assert count_tokens(pad_for_training([a, c], pad_id=0)) == 7
+    assert batch["num_tokens"] == 9
+    assert collate_rows([[a], [c]], pad_id=0)["num_tokens"] == 7
+
+
+def test_every_example_starts_with_an_untrained_bos(tiny_tokenizer):
+    """What lets packed rows keep each example's labels as they are: no first token is ever a target (it would be
+    predicted from the previous conversation's last token), whatever the turns and the truncation."""
+    from lima_lightning.data.conversations import Conversation
+    from lima_lightning.data.tokenization import tokenize_for_training
+
+    conversations = [Conversation(("q", "a", "q2", "a2")), Conversation(("q" * 50, "a")), Conversation(("q", "a" * 80))]
+    examples, _ = tokenize_for_training(conversations, tiny_tokenizer, "llama2-chat", 40)
+    assert examples and all(e["labels"][0] == IGNORE_INDEX and e["input_ids"][0] == tiny_tokenizer.bos_token_id for e in examples)
 
 
 # ----------------------------------------------------------------------------- same loss, same gradients
@@ -222,7 +238,7 @@ def trained_count(examples) -> int:
 
 BATCHINGS = {
     # The plain batch itself, through our path: no attention mask, LM head at trained positions only.
-    "padded": lambda ex, pad: pad_for_training(ex, pad),
+    "padded": lambda ex, pad: padded_batch(ex, pad),
     # One conversation per row in another order (what length_grouped yields).
     "length_grouped": lambda ex, pad: collate_rows([[e] for e in sorted(ex, key=lambda e: -len(e["input_ids"]))], pad),
     # Three rows of several conversations each, blocked from attending to one another.
@@ -235,8 +251,8 @@ BATCHINGS = {
 def test_same_loss_and_gradients_as_the_plain_padded_batch(examples, batching, attention):
     module = make_module()
     module.model.get_base_model().set_attn_implementation(attention)
-    plain = pad_for_training(examples, 0)
-    assert (plain["attention_mask"] == 0).any()
+    plain = padded_batch(examples, 0)
+    assert (plain["attention_mask"] == 0).any()  # the plain batch pads
     reference_nll, reference_grads = plain_path(module, plain)
     nll, count, grads = our_path(module, BATCHINGS[batching](examples, 0))
     assert count == trained_count(examples)
@@ -247,7 +263,7 @@ def test_same_loss_and_gradients_as_the_plain_padded_batch(examples, batching, a
 def test_packing_without_the_restarts_would_be_caught(examples):
     """The parity test can fail: the same packed rows with plain positions let conversations attend to each other."""
     module = make_module()
-    reference_nll, _ = plain_path(module, pad_for_training(examples, 0))
+    reference_nll, _ = plain_path(module, padded_batch(examples, 0))
     leaky = collate_rows([examples[0:3], examples[3:5], examples[5:]], 0)
     leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1]).expand_as(leaky["input_ids"])
     nll, _ = module.masked_nll(leaky)
@@ -269,7 +285,7 @@ def test_chunked_head_loss_gives_the_same_loss_and_gradients(examples):
 def test_packed_nf4_base_matches_padded_to_bf16_rounding(examples):
     module = make_module("nf4")
     with torch.no_grad():
-        reference, _ = module.masked_nll(pad_for_training(examples, 0))
+        reference, _ = module.masked_nll(padded_batch(examples, 0))
         packed, _ = module.masked_nll(collate_rows([examples[0:4], examples[4:]], 0))
     torch.testing.assert_close(packed, reference, rtol=2e-2, atol=0.0)
 

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from lima_lightning.callbacks import SaveAdapters
-from lima_lightning.data.collate import pad_for_training
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.module import LIMALoRAModule
-from tests.conftest import quiet_cpu_trainer
+from tests.conftest import padded_batch, quiet_cpu_trainer
 
 
 def nf4_config(**overrides):
@@ -54,7 +53,7 @@ def qlora_fit(tmp_path_factory, tiny_dir):
     )
     trainer = quiet_cpu_trainer(max_steps=8, default_root_dir=root, callbacks=[SaveAdapters(every_epoch=False)], limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule)
-    batch = pad_for_training(datamodule.train_dataset[:8], datamodule.tokenizer.pad_token_id)
+    batch = padded_batch(datamodule.train_dataset[:8], datamodule.tokenizer.pad_token_id)
     return module.eval(), root / "adapters" / "final", batch
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.data.synthetic import synthetic_conversations
+from lima_lightning.generation import GenerationSettings
 from lima_lightning.module import LIMALoRAModule
 from tests.conftest import quiet_cpu_trainer
 
@@ -36,8 +37,7 @@ def test_item5_fitted_tiny_model_reproduces_answers_and_stops_at_eos(tmp_path, t
         learning_rate=5e-3,
         warmup_ratio=0.0,
         scheduler="constant",
-        do_sample=False,
-        max_new_tokens=MAX_NEW_TOKENS,
+        generation=GenerationSettings(do_sample=False, max_new_tokens=MAX_NEW_TOKENS),
     )
     trainer = quiet_cpu_trainer(max_steps=40, limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule)

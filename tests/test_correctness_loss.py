@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from lima_lightning.data.collate import pad_for_training
 from lima_lightning.data.conversations import Conversation
 from lima_lightning.data.tokenization import IGNORE_INDEX, encode_conversation
 from lima_lightning.module import LIMALoRAModule
-from tests.conftest import quiet_cpu_trainer
+from tests.conftest import padded_batch, quiet_cpu_trainer
 
 CONVERSATIONS = [
     Conversation(("Tell me a story about a tiger.", "Once upon a time a tiger lived by a river and ate bread with a horse. " * 2)),
@@ -68,14 +67,14 @@ def reference_loss(model, batch: dict) -> torch.Tensor:
 def test_item3_loss_equals_independent_cross_entropy_with_padding_and_mixed_lengths(examples):
     examples, pad_id = examples
     module = make_module().eval()
-    batch = pad_for_training(examples, pad_id)
+    batch = padded_batch(examples, pad_id)
     assert (batch["attention_mask"] == 0).any()  # the batch is padded
     with torch.no_grad():
         nll, n_trained = module.masked_nll(batch)
         assert n_trained == sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples)
         torch.testing.assert_close(nll / n_trained, reference_loss(module.model, batch), rtol=1e-6, atol=1e-6)
         # Padding adds nothing: each example alone, unpadded, gives the same sum.
-        alone = sum(module.masked_nll(pad_for_training([e], pad_id))[0] for e in examples)
+        alone = sum(module.masked_nll(padded_batch([e], pad_id))[0] for e in examples)
         torch.testing.assert_close(nll, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -95,8 +94,8 @@ def fit_one_step(module: LIMALoRAModule, batches: list[dict], accumulate: int, r
 def test_item3_grad_accumulation_equals_one_big_batch_token_weighted(examples, tmp_path):
     examples, pad_id = examples
     long_one, short_ones = [examples[0]], examples[1:]
-    micro = [pad_for_training(long_one, pad_id), pad_for_training(short_ones, pad_id)]
-    whole = pad_for_training(examples, pad_id)
+    micro = [padded_batch(long_one, pad_id), padded_batch(short_ones, pad_id)]
+    whole = padded_batch(examples, pad_id)
     counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
     assert counts[0] > 10 * counts[1], counts  # a mean of means would be far off
 
@@ -134,9 +133,9 @@ def test_item3_grad_accumulation_equals_one_big_batch_token_weighted(examples, t
 def test_item3_validation_loss_is_token_weighted_over_batches(examples):
     examples, pad_id = examples
     module = make_module()
-    batches = [pad_for_training(examples[:1], pad_id), pad_for_training(examples[1:], pad_id)]
+    batches = [padded_batch(examples[:1], pad_id), padded_batch(examples[1:], pad_id)]
     trainer = quiet_cpu_trainer()
     (metrics,) = trainer.validate(module, dataloaders=DataLoader(batches, batch_size=None), verbose=False)
     with torch.no_grad():
-        expected = reference_loss(module.model, pad_for_training(examples, pad_id))
+        expected = reference_loss(module.model, padded_batch(examples, pad_id))
     torch.testing.assert_close(torch.tensor(metrics["val/loss"]), expected, rtol=1e-5, atol=1e-6)

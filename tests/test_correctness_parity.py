@@ -21,6 +21,7 @@ pytestmark = [needs_lima, needs_llama2_tokenizer]
 def fed_to_generation():
     """{row id: (ids without left padding)} as `predict_step` passes them to `generate`, for all of LIMA's train file."""
     import lima_lightning.module as module_file
+    from lima_lightning.generation import GenerationSettings
     from lima_lightning.module import LIMALoRAModule
 
     seen: dict[int, list[int]] = {}
@@ -40,7 +41,7 @@ def fed_to_generation():
         max_seq_length=4096,
         predict_batch_size=128,
     )
-    module = LIMALoRAModule(base_model=str(LLAMA2_TOKENIZER), max_new_tokens=1)
+    module = LIMALoRAModule(base_model=str(LLAMA2_TOKENIZER), generation=GenerationSettings(max_new_tokens=1))
     module.model = torch.nn.Linear(1, 1)  # stands in for the 7B model: generation is recorded, not run
     patch = pytest.MonkeyPatch()
     patch.setattr(module_file, "generate", record)

@@ -7,13 +7,14 @@ import json
 import pytest
 import torch
 
-from lima_lightning.data.collate import pad_for_generation, pad_for_training
+from lima_lightning.data.collate import pad_for_generation
 from lima_lightning.data.conversations import Conversation, parse_row, read_conversations
 from lima_lightning.data.datamodule import LIMADataModule, split_conversations
 from lima_lightning.data.synthetic import synthetic_conversations
 from lima_lightning.data.templates import llama2_chat_prompt
 from lima_lightning.data.tokenization import IGNORE_INDEX, encode_conversation, encode_prompt, tokenize_for_training
 from lima_lightning.errors import UserError
+from tests.conftest import padded_batch
 
 
 def ids(tokenizer, text):
@@ -68,7 +69,7 @@ def test_truncation_keeps_labels_aligned_and_counts(tiny_tokenizer):
 
 
 def test_padding_for_training_and_generation():
-    batch = pad_for_training([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    batch = padded_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

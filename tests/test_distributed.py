@@ -24,23 +24,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lima_lightning.data.sampling import ExampleRows, Masked, MicroBatchSampler
 from lima_lightning.data.tokenization import IGNORE_INDEX
 from lima_lightning.distributed import (
-    Masked,
-    MaskPadding,
-    StepShardedSampler,
     clean_param_name,
     decoder_layer_classes,
     fsdp_quant_storage,
     global_grad_norm,
     lora_fsdp_wrap_policy,
     prepare_fsdp,
-    shard_train_loader,
-    step_blocks,
 )
 from tests.conftest import REPO
 
-# 41 synthetic conversations: 2 held out, 39 trained; 39 is odd, so the 2-process run pads one Masked example.
+# 41 synthetic conversations: 2 held out, 39 trained: 10 batches of 2 (the last holding one), so the 2-process
+# run's last step holds one conversation on rank 0 and a Masked copy of a batch on rank 1.
 FIT_ARGS = [
     "--config", str(REPO / "configs/demo.yaml"),
     "--trainer.enable_progress_bar", "false",
@@ -151,7 +148,7 @@ def test_two_ranks_predict_every_prompt_once_into_one_file_in_input_order(two_pr
         "--model.adapter_path", str(two_processes / "adapters/final"),
         "--data.predict_dataset", str(data),
         "--data.predict_batch_size", "2",
-        "--model.max_new_tokens", "6",
+        "--model.generation.max_new_tokens", "6",
     )  # fmt: skip
     rows = [json.loads(line) for line in (only_run_dir(tmp_path / "predict") / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == list(range(11))
@@ -171,11 +168,11 @@ def test_nf4_base_trains_under_ddp(tmp_path, tiny_dir):
 def test_token_weighting_differs_from_a_mean_of_per_rank_means(tiny_dir, tiny_tokenizer):
     """What the equality above rules out: averaging each rank's per-token mean (the naive DDP loss) moves the
     gradient far more than the 1e-4 tolerance, whenever the ranks hold different numbers of trained tokens."""
-    from lima_lightning.data.collate import pad_for_training
     from lima_lightning.data.synthetic import synthetic_conversations
     from lima_lightning.data.tokenization import tokenize_for_training
     from lima_lightning.loss import masked_nll_sum
     from lima_lightning.models.loading import LLAMA_PROJECTIONS, add_lora, load_base_model
+    from tests.conftest import padded_batch
 
     torch.manual_seed(0)
     model = add_lora(load_base_model(str(tiny_dir), "none", torch.device("cpu")), 4, 8, 0.0, LLAMA_PROJECTIONS)
@@ -183,12 +180,12 @@ def test_token_weighting_differs_from_a_mean_of_per_rank_means(tiny_dir, tiny_to
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)  # as after a few steps: gradients reach A too
     examples, _ = tokenize_for_training(synthetic_conversations("train", 8), tiny_tokenizer, "llama2-chat", 256)
-    shards = [examples[0:2], examples[2:4]]  # ranks 0 and 1 of one step, as step_blocks hands them out
+    shards = [examples[0:2], examples[2:4]]  # ranks 0 and 1 of one step, as MicroBatchSampler hands them out
 
     def grad(shard: list[dict]) -> torch.Tensor:
         """Gradient of one rank's summed NLL."""
         model.zero_grad()
-        batch = pad_for_training(shard, tiny_tokenizer.pad_token_id)
+        batch = padded_batch(shard, tiny_tokenizer.pad_token_id)
         masked_nll_sum(model(input_ids=batch["input_ids"]).logits, batch["labels"])[0].backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
@@ -224,51 +221,58 @@ def test_lightning_shards_the_longest_first_predict_order_without_repeats(tiny_d
 
 
 # ----------------------------------------------------------------------------- training shards
-@pytest.mark.parametrize("n, block, ranks", [(39, 2, 2), (40, 4, 2), (10, 3, 4), (3, 4, 2), (7, 1, 3)])
-def test_step_blocks_give_each_round_the_next_consecutive_blocks(n, block, ranks):
-    total = -(-n // ranks) * ranks
-    order = list(range(total))
-    shares = [step_blocks(order, block, ranks, r) for r in range(ranks)]
-    assert sorted(i for share in shares for i in share) == order  # a partition: nothing twice, nothing lost
-    assert len({len(share) for share in shares}) == 1  # every rank the same number of items
-    per_rank = [[share[k : k + block] for k in range(0, len(share), block)] for share in shares]
-    one_device = [order[k : k + block] for k in range(0, total, block)]
-    # Round s, rank r holds one device's micro-batch s * ranks + r (until the last, evenly split round).
-    full_rounds = total // (block * ranks)
-    for s in range(full_rounds):
-        for r in range(ranks):
-            assert per_rank[r][s] == one_device[s * ranks + r]
+@pytest.mark.parametrize("n, batch_size, ranks", [(39, 2, 2), (40, 4, 2), (10, 3, 4), (3, 4, 2), (7, 1, 3)])
+def test_rank_r_takes_micro_batch_s_times_ranks_plus_r_of_the_one_device_order(n, batch_size, ranks):
+    lengths = [5 + i % 7 for i in range(n)]
+    device = MicroBatchSampler(lengths, "padded", batch_size, seed=3)
+    samplers = [MicroBatchSampler(lengths, "padded", batch_size, seed=3, num_replicas=ranks, rank=r) for r in range(ranks)]
+    one_device = device.epoch_batches(0)
+    shares = [s.rank_batches(0) for s in samplers]
+    assert len({len(share) for share in shares}) == 1  # every rank the same number of steps
+    assert all(len(s) == len(shares[0]) for s in samplers)
+    trained = [b for share in shares for b in share if not isinstance(b, Masked)]
+    assert sorted(map(str, trained)) == sorted(map(str, one_device))  # a partition: nothing twice, nothing lost
+    for s, step in enumerate(zip(*shares, strict=True)):  # step s, rank r: the device's micro-batch s * ranks + r
+        for r, batch in enumerate(step):
+            if s * ranks + r < len(one_device):
+                assert batch == one_device[s * ranks + r]
+            else:
+                assert isinstance(batch, Masked)  # the padding of an uneven last step
 
 
 def test_sharded_sampler_pads_with_masked_copies_and_follows_set_epoch():
-    class Order:  # a stand-in for EpochShuffle: epoch e reverses or not
-        epoch = 0
-
-        def __len__(self):
-            return 5
-
-        def __iter__(self):
-            return iter(range(5) if self.epoch % 2 == 0 else range(4, -1, -1))
-
-        def set_epoch(self, epoch):
-            self.epoch = epoch
-
-    order = Order()
-    samplers = [StepShardedSampler(order, 2, 2, r) for r in range(2)]
+    lengths = [10] * 5
+    samplers = [MicroBatchSampler(lengths, "padded", 2, seed=0, num_replicas=2, rank=r) for r in range(2)]
+    order0 = MicroBatchSampler(lengths, "padded", 2, seed=0).epoch_batches(0)  # 3 batches: 2, 2 and 1 examples
     rank0, rank1 = (list(s) for s in samplers)
-    assert rank0 == [0, 1, 4] and rank1[:2] == [2, 3] and isinstance(rank1[2], Masked) and rank1[2].key == 0
+    assert rank0 == [order0[0], order0[2]] and rank1[0] == order0[1]
+    assert isinstance(rank1[1], Masked) and rank1[1].batch == order0[0]  # a copy of the epoch's first batch
     samplers[0].set_epoch(1)
-    assert list(samplers[0]) == [4, 3, 0]
-    assert len(samplers[0]) == len(samplers[1]) == 3
+    order1 = MicroBatchSampler(lengths, "padded", 2, seed=0).epoch_batches(1)
+    assert order1 != order0 and list(samplers[0]) == [order1[0], order1[2]]
+    assert len(samplers[0]) == len(samplers[1]) == 2
 
 
 def test_masked_padding_trains_nothing():
     examples = [{"input_ids": [1, 5, 6, 2], "labels": [-100, -100, 6, 2]}]
-    data = MaskPadding(examples)
-    assert data[0] == examples[0]
-    assert data[Masked(0)] == {"input_ids": [1, 5, 6, 2], "labels": [IGNORE_INDEX] * 4}
-    rows = MaskPadding({7: [[examples[0], examples[0]]]})  # a token-budget batch: rows of examples
-    assert all(label == IGNORE_INDEX for row in rows[Masked(7)] for e in row for label in e["labels"])
+    data = ExampleRows(examples)
+    assert data[[[0]]] == [[examples[0]]]
+    assert data[Masked([[0], [0]])] == [[{"input_ids": [1, 5, 6, 2], "labels": [IGNORE_INDEX] * 4}]] * 2
+    assert examples[0]["labels"] == [-100, -100, 6, 2]  # the original is left as it was
+
+
+def test_validation_is_every_conversation_once_under_ddp(tiny_dir):
+    """Validation batches are the conversations in order, dealt out by batch; the uneven end is Masked padding,
+    not repeated conversations (which would weigh some twice in val/loss)."""
+    shards = [_datamodule(tiny_dir, "padded", 2, 3, r) for r in range(3)]
+    seen = Counter()
+    for data in shards:
+        for batch_idx in range(len(data.val_dataloader())):
+            rows = data.val_batch_rows(batch_idx)
+            if not isinstance(rows, Masked):
+                seen.update(i for row in rows for i in row)
+    assert seen == Counter(range(len(shards[0].val_dataset)))
+    assert len({len(data.val_dataloader()) for data in shards}) == 1
 
 
 def _datamodule(tiny_dir, batching: str, batch_size: int, ranks: int, rank: int, accumulate: int = 1):
@@ -477,9 +481,3 @@ def test_wrapper_prefixes_are_dropped_from_parameter_names():
     layer = "model.base_model.model.model.layers.0."
     name = layer + "_fsdp_wrapped_module._checkpoint_wrapped_module.mlp.up_proj.lora_A.default._fsdp_wrapped_module.weight"
     assert clean_param_name(name) == layer + "mlp.up_proj.lora_A.default.weight"
-
-
-def test_single_process_loader_is_left_as_is():
-    args = {"dataset": [1, 2], "sampler": [0, 1], "batch_size": 2}
-    assert shard_train_loader(args, None) is args
-    assert shard_train_loader(args, SimpleNamespace(world_size=1, global_rank=0)) is args

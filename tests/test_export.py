@@ -99,7 +99,7 @@ def test_nf4_export_merges_onto_the_dequantized_base(tmp_path, tiny_dir, capsys)
 
 
 def test_export_errors_name_the_fix(tmp_path, tiny_dir, capsys):
-    from lima_lightning.export import main as export_main
+    from lima_lightning.commands.export import main as export_main
 
     adapter = make_run(tmp_path / "run", tiny_dir, quantization=None)  # no config.yaml beside the adapter
     with pytest.raises(SystemExit) as exit_info:  # through the CLI: one line, exit status 2
@@ -125,7 +125,7 @@ def test_merging_frees_the_nf4_weights_at_once(tiny_dir):
 
     import bitsandbytes as bnb
 
-    from lima_lightning.export import merge_into_base
+    from lima_lightning.models.merging import merge_into_base
 
     base = load_base_model(str(tiny_dir), "nf4", torch.device("cpu"))
     nf4_weights = [weakref.ref(m.weight) for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]

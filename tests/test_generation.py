@@ -1,4 +1,4 @@
-"""Generation for predict: finish reasons, the KV cache, seeds, and merge_for_generation."""
+"""Generation for predict: finish reasons, the KV cache, seeds, and generation.merge."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def predictions(cli) -> list[dict]:
 def test_each_line_has_its_own_finish_reason_and_length(adapter, tiny_dir):
     """Batched, left-padded predict against one-prompt-at-a-time `generate` with plain transformers."""
     adapter_path, root = adapter
-    cli = run_cli("predict", *demo_args(root, "--model.adapter_path", str(adapter_path), "--model.max_new_tokens", "24"))
+    cli = run_cli("predict", *demo_args(root, "--model.adapter_path", str(adapter_path), "--model.generation.max_new_tokens", "24"))
     rows = predictions(cli)
     assert {r["finish_reason"] for r in rows} == {"eos", "length"}, "the case needs both kinds of line"
     model, tokenizer = cli.model.model, cli.model.tokenizer
@@ -90,26 +90,35 @@ def test_same_seed_same_samples(adapter):
     adapter_path, root = adapter
 
     def sample(seed: str, *extra: str) -> list[dict]:
-        args = ("--model.adapter_path", str(adapter_path), "--model.do_sample", "true", "--model.temperature", "1.0", "--model.seed", seed)
+        args = (
+            "--model.adapter_path",
+            str(adapter_path),
+            "--model.generation.do_sample",
+            "true",
+            "--model.generation.temperature",
+            "1.0",
+            "--model.generation.seed",
+            seed,
+        )
         return predictions(
-            run_cli("predict", *demo_args(root, *args, "--data.predict_batch_size", "8", "--model.max_new_tokens", "16", *extra))
+            run_cli("predict", *demo_args(root, *args, "--data.predict_batch_size", "8", "--model.generation.max_new_tokens", "16", *extra))
         )
 
     first = sample("3")
     assert sample("3") == first
     assert sample("4") != first  # sampling does happen, so the equality above means something
-    merged = sample("3", "--model.merge_for_generation", "true")
-    assert sample("3", "--model.merge_for_generation", "true") == merged
+    merged = sample("3", "--model.generation.merge", "true")
+    assert sample("3", "--model.generation.merge", "true") == merged
 
 
 @pytest.mark.slow
-def test_merge_for_generation_dequantizes_an_nf4_base(adapter, tiny_dir):
+def test_generation_merge_dequantizes_an_nf4_base(adapter, tiny_dir):
     import bitsandbytes as bnb
 
     adapter_path, root = adapter
     cli = run_cli(
         "predict",
-        *demo_args(root, "--model.quantization", "nf4", "--model.adapter_path", str(adapter_path), "--model.merge_for_generation", "true"),
+        *demo_args(root, "--model.quantization", "nf4", "--model.adapter_path", str(adapter_path), "--model.generation.merge", "true"),
     )
     merged = cli.model.model
     assert type(merged).__name__ == "LlamaForCausalLM"  # no PEFT wrapper left
@@ -186,16 +195,16 @@ def test_rows_per_chunk_for_llama2_7b_by_hand():
     assert rows_per_chunk(llama2_7b, 300, 216, 500, 2, budget_bytes=100 * per_row + 1) == 100
     assert rows_per_chunk(llama2_7b, 300, 216, 500, 2, budget_bytes=None) == 300  # CPU: not planned
     assert rows_per_chunk(llama2_7b, 30, 216, 500, 2, budget_bytes=100 * per_row) == 30
-    with pytest.raises(torch.cuda.OutOfMemoryError, match="model.max_new_tokens"):
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="model.generation.max_new_tokens"):
         rows_per_chunk(llama2_7b, 300, 216, 500, 2, budget_bytes=per_row - 1)
 
 
 @pytest.mark.slow
-def test_merge_for_generation_auto_merges_when_the_copy_fits(adapter, caplog):
+def test_generation_merge_auto_merges_when_the_copy_fits(adapter, caplog):
     adapter_path, root = adapter
     cli = run_cli(
         "predict",
-        *demo_args(root, "--model.quantization", "nf4", "--model.adapter_path", str(adapter_path), "--model.merge_for_generation", "auto"),
+        *demo_args(root, "--model.quantization", "nf4", "--model.adapter_path", str(adapter_path), "--model.generation.merge", "auto"),
     )
     assert type(cli.model.model).__name__ == "LlamaForCausalLM"  # merged: no PEFT wrapper, no 4-bit layers
 
@@ -206,7 +215,7 @@ def test_merge_auto_decides_from_the_gpu_size(monkeypatch):
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    import lima_lightning.export as export
+    import lima_lightning.models.merging as export
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)
     with torch.device("meta"):
@@ -223,7 +232,7 @@ def test_merge_auto_decides_from_the_gpu_size(monkeypatch):
 
 
 def test_merged_weight_bytes_counts_nf4_weights_unpacked(tiny_dir):
-    from lima_lightning.export import merged_weight_bytes
+    from lima_lightning.models.merging import merged_weight_bytes
 
     nf4 = load_base_model(str(tiny_dir), "nf4", torch.device("cpu"))
     plain = load_base_model(str(tiny_dir), "none", torch.device("cpu"))

@@ -178,24 +178,34 @@ def test_ckpt_path_last_with_no_checkpoint_starts_fresh_and_a_missing_file_is_on
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch_and_the_loader_skips_what_was_trained():
-    from lima_lightning.data.resumable import EpochShuffle, ResumableDataLoader
+    from lima_lightning.data.datamodule import TrainLoader
+    from lima_lightning.data.sampling import ExampleRows, MicroBatchSampler
+
+    examples = [{"input_ids": [i], "labels": [-100]} for i in range(50)]
+
+    def loader_of(sampler) -> TrainLoader:
+        return TrainLoader(
+            ExampleRows(examples), sampler=sampler, batch_size=None, collate_fn=lambda rows: [r[0]["input_ids"][0] for r in rows]
+        )
 
     def batches(epoch: int, skip: int = 0, warm_up_epochs: int = 0) -> list[list[int]]:
-        sampler = EpochShuffle(50, seed=7)
-        loader = ResumableDataLoader(list(range(50)), batch_size=8, sampler=sampler, start_epoch=epoch, skip_batches=skip)
+        sampler = MicroBatchSampler([1] * 50, "padded", 8, seed=7)
+        loader = loader_of(sampler)
         for e in range(warm_up_epochs):  # a long-running process that iterated earlier epochs first
             sampler.set_epoch(e)
             list(loader)
-        sampler.set_epoch(epoch)
-        return [b.tolist() for b in loader]
+        sampler.resume_at(epoch, skip)
+        return list(loader)
 
     assert batches(2) == batches(2, warm_up_epochs=2) != batches(1)
     assert batches(2, skip=3) == batches(2)[3:]
-    loader = ResumableDataLoader(list(range(50)), batch_size=8, sampler=EpochShuffle(50, 7), skip_batches=3)
+    sampler = MicroBatchSampler([1] * 50, "padded", 8, seed=7)
+    sampler.resume_at(0, 3)
+    loader = loader_of(sampler)
     assert len(list(loader)) == 4 and len(list(loader)) == 7  # the skip applies to the first iteration only
 
     # FSDP restores the checkpoint after Lightning made the iterator; the skip still applies at the first batch.
-    late = ResumableDataLoader(list(range(50)), batch_size=8, sampler=EpochShuffle(50, 7))
-    iterator = iter(late)
-    late.resume_at({"epoch": 2, "batches": 3, "batches_per_epoch": 7})
-    assert [b.tolist() for b in iterator] == batches(2)[3:]
+    late = MicroBatchSampler([1] * 50, "padded", 8, seed=7)
+    iterator = iter(loader_of(late))
+    late.resume_at(2, 3)
+    assert list(iterator) == batches(2)[3:]

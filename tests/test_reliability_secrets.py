@@ -31,7 +31,7 @@ def test_hf_token_never_reaches_a_file_of_the_run_and_nothing_trusts_remote_code
     short = ("--data.synthetic_size", "64", "--trainer.max_epochs", "1", "--checkpoint.every_n_train_steps", "2")
     fit = run_cli("fit", *demo_args(tmp_path, *short))
     adapter = Path(fit.trainer.log_dir) / "adapters" / "final"
-    run_cli("predict", *demo_args(tmp_path, *short, "--model.adapter_path", str(adapter), "--model.max_new_tokens", "4"))
+    run_cli("predict", *demo_args(tmp_path, *short, "--model.adapter_path", str(adapter), "--model.generation.max_new_tokens", "4"))
 
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     names = {p.name for p in files}

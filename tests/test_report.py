@@ -92,9 +92,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         )
         dirs[f"{name}-fit"] = Path(fit.trainer.log_dir)
         adapter = str(dirs[f"{name}-fit"] / "adapters/final")
-        predict = run_cli("predict", *demo_args(root, "--model.adapter_path", adapter, "--model.max_new_tokens", "24"))
+        predict = run_cli("predict", *demo_args(root, "--model.adapter_path", adapter, "--model.generation.max_new_tokens", "24"))
         dirs[f"{name}-predict"] = Path(predict.trainer.log_dir)
-    dirs["base-predict"] = Path(run_cli("predict", *demo_args(root, "--model.max_new_tokens", "24")).trainer.log_dir)
+    dirs["base-predict"] = Path(run_cli("predict", *demo_args(root, "--model.generation.max_new_tokens", "24")).trainer.log_dir)
     return dirs
 
 

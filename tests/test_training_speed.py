@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lima_lightning.data.batching import collate_rows
+from lima_lightning.data.collate import collate_rows
 from lima_lightning.models.speed import (
     GIB,
     MemoryEstimate,
     compile_decoder_layers,
     configure_for_training,
     decide_checkpointing,
-    optimizer_state_bytes,
     probe_activation_memory,
     set_attention,
     set_gradient_checkpointing,
 )
+from lima_lightning.optim import optimizer_state_bytes
 from tests.conftest import demo_args, run_cli
 from tests.test_batching import assert_grads_close, examples, make_module  # noqa: F401 (fixture)
 
@@ -178,7 +178,7 @@ def test_estimate_memory_probes_real_steps_without_checkpointing_or_rng_use(monk
     masked_nll = module.masked_nll
 
     def spy(batch):
-        seen.append((batch["input_ids"].shape, bool((batch["labels"] == batch["input_ids"]).all())))
+        seen.append((batch["input_ids"].shape, bool((batch["labels"][:, 1:] == batch["input_ids"][:, 1:]).all())))
         record(batch["input_ids"].numel())
         return masked_nll(batch)
 
@@ -187,7 +187,7 @@ def test_estimate_memory_probes_real_steps_without_checkpointing_or_rng_use(monk
     module.trainer = SimpleNamespace(precision_plugin=SimpleNamespace(train_step_context=nullcontext))
     rng = torch.get_rng_state()
     estimate = estimate_memory(module, torch.device("cpu"), max_tokens=8192)
-    assert seen == [(torch.Size([1, 512]), True), (torch.Size([1, 1024]), True)]  # every token trained: the worst case
+    assert seen == [(torch.Size([1, 512]), True), (torch.Size([1, 1024]), True)]  # every target trained: the worst case
     assert torch.equal(torch.get_rng_state(), rng)  # dropout masks drawn in the probe do not shift training's
     assert all(p.grad is None for p in module.trainable_parameters()) and not module.model.training
     assert not any(layer.gradient_checkpointing for layer in layers(module))  # measured without it

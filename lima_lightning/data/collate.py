@@ -1,4 +1,4 @@
-"""Pad lists of ids into batches: right padding for training, left padding for generation."""
+"""Lists of ids into tensors: one collator for every training and validation batch, one for generation."""
 
 from __future__ import annotations
 
@@ -7,18 +7,42 @@ import torch
 from lima_lightning.data.tokenization import IGNORE_INDEX
 
 
-def pad_for_training(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """(B, T) input_ids / labels / attention_mask, padded on the right to the longest example."""
-    longest = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        input_ids[row, :n] = torch.tensor(example["input_ids"])
-        labels[row, :n] = torch.tensor(example["labels"])
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+def collate_rows(rows: list[list[dict]], pad_id: int) -> dict:
+    """(R, T) `input_ids`, `labels`, `position_ids` for rows of examples, right-padded to the longest row.
+
+    Every training micro-batch, whatever `data.batching`, comes from here: a padded row is a row holding one
+    example, a packed row holds several. Positions restart at 0 for every example, and a row's padding tail
+    continues the positions of the example before it, so a row of one example has plain 0..T-1 positions.
+    The model gets `input_ids` and `position_ids` and no attention mask: transformers finds the restarts in
+    `position_ids` and builds a causal mask that is block-diagonal per conversation, and under causal attention
+    no real token can see the right padding after it. Labels are copied as tokenization wrote them (each
+    example's first label, its BOS, is already ignored, so a packed row never predicts across examples).
+    `num_tokens` (a Python int: counting needs no GPU sync) is the number of real tokens.
+
+    >>> a = {"input_ids": [1, 5, 6], "labels": [-100, 6, 2]}
+    >>> b = {"input_ids": [1, 7], "labels": [-100, 7]}
+    >>> batch = collate_rows([[a, b], [b]], pad_id=0)
+    >>> batch["input_ids"].tolist(), batch["position_ids"].tolist(), batch["num_tokens"]
+    ([[1, 5, 6, 1, 7], [1, 7, 0, 0, 0]], [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]], 7)
+    >>> batch["labels"].tolist()
+    [[-100, 6, 2, -100, 7], [-100, 7, -100, -100, -100]]
+    """
+    widths = [sum(len(e["input_ids"]) for e in row) for row in rows]
+    width = max(widths)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.empty((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for example in row:
+            n = len(example["input_ids"])
+            input_ids[r, at : at + n] = torch.tensor(example["input_ids"])
+            labels[r, at : at + n] = torch.tensor(example["labels"])
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+        last = len(row[-1]["input_ids"])
+        position_ids[r, at:] = torch.arange(last, last + width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "num_tokens": sum(widths)}
 
 
 def pad_for_generation(examples: list[dict], pad_id: int) -> dict:

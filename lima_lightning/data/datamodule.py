@@ -1,4 +1,4 @@
-"""LIMADataModule: conversations -> tokenized, label-masked examples -> padded batches."""
+"""LIMADataModule: conversations -> tokenized, label-masked examples -> micro-batches (sampling.py, collate.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lima_lightning.data.batching import BatchingName, ExampleRows, TokenBudgetSampler, collate_rows
-from lima_lightning.data.collate import pad_for_generation, pad_for_training
+from lima_lightning.data.collate import collate_rows, pad_for_generation
 from lima_lightning.data.conversations import Conversation
-from lima_lightning.data.resumable import EpochShuffle, ResumableDataLoader, check_position, train_position
+from lima_lightning.data.sampling import Batch, BatchingName, ExampleRows, Masked, MicroBatchSampler, check_position, train_position
 from lima_lightning.data.sources import LIMA_HUB_ID, load_conversations
 from lima_lightning.data.templates import TemplateName
-from lima_lightning.data.tokenization import TokenizationStats, encode_prompt, prompt_turns, tokenize_for_training
-from lima_lightning.distributed import shard_train_loader
+from lima_lightning.data.tokenization import TokenizationStats, prompts_for_generation, tokenize_for_training
 from lima_lightning.errors import UserError
 
 
@@ -46,7 +44,7 @@ class LIMADataModule(L.LightningDataModule):
             template: Chat template wrapped around each user turn.
             max_seq_length: Longer conversations are truncated (and counted); LIMA at 2048 keeps ~93% whole.
             batch_size: Conversations per training micro-batch (per device) with `batching: padded`.
-            batching: How training micro-batches are formed (see `data/batching.py`). `padded`: `batch_size`
+            batching: How training micro-batches are formed (see `data/sampling.py`). `padded`: `batch_size`
                 conversations in shuffled order, padded to the longest (LIMA: ~45% padding). `length_grouped`:
                 conversations of similar length up to `max_tokens_per_batch` (~2% padding). `packed`: several
                 conversations per row of `max_seq_length` tokens, none attending to another (~0.2% padding).
@@ -86,6 +84,17 @@ class LIMADataModule(L.LightningDataModule):
         self.val_conversations: list[Conversation] = []
         self.stats: dict[str, TokenizationStats] = {}
         self._resume_position: dict[str, int] | None = None  # from a checkpoint, see load_state_dict
+
+    @classmethod
+    def from_examples(cls, train: list[dict], val: list[dict] | None = None, *, loaded_tokenizer, **options) -> LIMADataModule:
+        """A data module over already-tokenized examples (benchmarks, tests): `setup` reads and tokenizes nothing.
+
+        `train`/`val` are what `tokenize_for_training` returns with `loaded_tokenizer`; `options` are the
+        constructor's (batching, batch_size, ...).
+        """
+        datamodule = cls(**{"tokenizer": loaded_tokenizer.name_or_path, **options})
+        datamodule.tokenizer, datamodule.train_dataset, datamodule.val_dataset = loaded_tokenizer, train, list(val or [])
+        return datamodule
 
     def setup(self, stage: str) -> None:
         from lima_lightning.models.loading import load_tokenizer
@@ -128,46 +137,43 @@ class LIMADataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Exact resume: epoch e's order depends on (seed, e) alone, and a resumed run skips what it already trained.
         position, self._resume_position = self._resume_position, None
-        loader = ResumableDataLoader(
-            # Several devices: each rank takes whole micro-batches of the one epoch order, round by round, so an
-            # optimizer step trains on the same batches on one device (accumulating) as on N (distributed.py).
-            **shard_train_loader(self._train_loader_args(), self.trainer),
-            num_workers=self.hparams.num_workers,
-            start_epoch=position["epoch"] if position else 0,
-            skip_batches=position["batches"] if position else 0,
-        )
+        sampler = self._train_sampler()
         if position:
-            check_position(position, len(loader))
-        return loader
+            check_position(position, len(sampler))
+            sampler.resume_at(position["epoch"], position["batches"])
+        return self._loader(self.train_dataset, sampler)
 
-    def _train_loader_args(self) -> dict:
-        """The train loader's dataset, sampler, batch_size and collate_fn for `data.batching`."""
+    def _train_sampler(self) -> MicroBatchSampler:
         hp = self.hparams
-        pad_id = self.tokenizer.pad_token_id
-        if hp.batching == "padded":
-            sampler = EpochShuffle(len(self.train_dataset), hp.seed)
-            collate = partial(pad_for_training, pad_id=pad_id)
-            return {"dataset": self.train_dataset, "batch_size": hp.batch_size, "sampler": sampler, "collate_fn": collate}
-        # The sampler yields whole batches (rows of example indices); batch_size=None hands each to collate as is.
-        sampler = self._token_budget_sampler()
-        collate = partial(collate_rows, pad_id=pad_id)
-        return {"dataset": ExampleRows(self.train_dataset), "batch_size": None, "sampler": sampler, "collate_fn": collate}
-
-    def _token_budget_sampler(self) -> TokenBudgetSampler:
-        hp = self.hparams
-        lengths = [len(e["input_ids"]) for e in self.train_dataset]
         trainer = self.trainer
-        step_group = trainer.world_size * trainer.accumulate_grad_batches if trainer is not None else 1
-        return TokenBudgetSampler(lengths, hp.batching, hp.max_tokens_per_batch, hp.max_seq_length, hp.seed, step_group)
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        return MicroBatchSampler(
+            [len(e["input_ids"]) for e in self.train_dataset],
+            hp.batching,
+            hp.batch_size,
+            hp.max_tokens_per_batch,
+            hp.max_seq_length,
+            hp.seed,
+            step_group=world_size * accumulate,
+            num_replicas=world_size,
+            rank=rank,
+        )
+
+    def _loader(self, examples: list[dict], sampler: MicroBatchSampler) -> DataLoader:
+        """The sampler yields whole batches of index rows; batch_size=None hands each to the collator as is."""
+        return TrainLoader(
+            ExampleRows(examples),
+            sampler=sampler,
+            batch_size=None,
+            collate_fn=partial(collate_rows, pad_id=self.tokenizer.pad_token_id),
+            num_workers=self.hparams.num_workers,
+        )
 
     @property
     def max_batch_tokens(self) -> int | None:
         """Largest rows x width of any training micro-batch; `model.gradient_checkpointing=auto` sizes memory by it."""
-        if not self.train_dataset:
-            return None
-        if self.hparams.batching == "padded":
-            return min(self.hparams.batch_size, len(self.train_dataset)) * max(len(e["input_ids"]) for e in self.train_dataset)
-        return self._token_budget_sampler().max_batch_tokens
+        return self._train_sampler().max_batch_tokens if self.train_dataset else None
 
     def state_dict(self) -> dict:
         """Saved in every checkpoint: where training stands, so a resumed run continues with the very next batch."""
@@ -179,20 +185,27 @@ class LIMADataModule(L.LightningDataModule):
         # One device and DDP restore this before the train loader exists; FSDP and DeepSpeed after it does.
         position = state_dict.get("train_position")
         loader = self.trainer.train_dataloader if self.trainer is not None else None
-        if position and isinstance(loader, ResumableDataLoader):
-            loader.resume_at(position)
+        if position and isinstance(loader, TrainLoader):
+            check_position(position, len(loader))
+            loader.sampler.resume_at(position["epoch"], position["batches"])
         else:
             self._resume_position = position
 
     def val_dataloader(self):
         if not self.val_dataset:
             return []
-        return DataLoader(
-            self.val_dataset,
-            batch_size=self.hparams.batch_size,
-            collate_fn=partial(pad_for_training, pad_id=self.tokenizer.pad_token_id),
-            num_workers=self.hparams.num_workers,
-        )
+        return self._loader(self.val_dataset, self._val_sampler())
+
+    def _val_sampler(self) -> MicroBatchSampler:
+        """The validation conversations in order, `batch_size` per batch; under DDP each once (Masked padding)."""
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        lengths = [len(e["input_ids"]) for e in self.val_dataset]
+        return MicroBatchSampler(lengths, "padded", self.hparams.batch_size, shuffle=False, num_replicas=world_size, rank=rank)
+
+    def val_batch_rows(self, batch_idx: int) -> Batch | Masked:
+        """The validation example indices of this rank's batch `batch_idx` (rows of one example)."""
+        return self._val_sampler().rank_batches(0)[batch_idx]
 
     def test_dataloader(self):
         return self.val_dataloader()
@@ -209,6 +222,28 @@ class LIMADataModule(L.LightningDataModule):
         )
 
 
+class TrainLoader(DataLoader):
+    """A DataLoader over `MicroBatchSampler` batches that never draws from the global RNG.
+
+    Its own generator: creating an iterator (which draws a worker base seed) must not consume the global RNG that
+    LoRA dropout draws from, or a resumed run's dropout masks would differ from the original's.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+        super().__init__(*args, **kwargs)
+
+    # The position is saved by LIMADataModule.state_dict, which Lightning restores before this loader exists.
+    # Lightning's own loader-state hook restores too late when configure_optimizers has already built the
+    # loader (estimated_stepping_batches; Lightning-AI/pytorch-lightning#20550), so these only tell it that
+    # this loader resumes mid-epoch, which keeps its "dataloader is not resumable" warning away.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
 def split_conversations(conversations: list, val_fraction: float, seed: int) -> tuple[list, list]:
     """Seeded hold-out: the same `seed` gives the same split on every machine."""
     if val_fraction == 0 or len(conversations) < 2:
@@ -216,19 +251,3 @@ def split_conversations(conversations: list, val_fraction: float, seed: int) -> 
     order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, round(len(conversations) * val_fraction))
     return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
-
-
-def prompts_for_generation(conversations: list[Conversation], tokenizer, template: str) -> list[dict]:
-    """One prompt per conversation, in input order (`id` is the row index)."""
-    prompts = []
-    for i, conversation in enumerate(conversations):
-        reference = None if conversation.ends_on_user else conversation.turns[-1]
-        prompts.append(
-            {
-                "id": i,
-                "prompt": prompt_turns(conversation).turns[-1],
-                "reference": reference,
-                "input_ids": encode_prompt(conversation, tokenizer, template),
-            }
-        )
-    return prompts

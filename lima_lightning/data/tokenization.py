@@ -20,15 +20,15 @@ from lima_lightning.data.templates import TEMPLATES
 IGNORE_INDEX = -100  # label value PyTorch's cross_entropy skips
 
 
-def _segments(conversation: Conversation, tokenizer, template: str, *, with_answers: bool):
-    """Yield (ids, trained) segments. Without answers, stops after the last user turn's prompt."""
+def _segments(conversation: Conversation, tokenizer, template: str):
+    """Yield (ids, trained) segments: each user turn's prompt (BOS first), then its answer and EOS if it has one."""
     render = TEMPLATES[template]
     turns = conversation.turns
     for i in range(0, len(turns), 2):
         system = conversation.system if i == 0 else None
         prompt = tokenizer(render(turns[i], system), add_special_tokens=False)["input_ids"]
         yield [tokenizer.bos_token_id, *prompt], False
-        if i + 1 < len(turns) and with_answers:
+        if i + 1 < len(turns):
             answer = tokenizer(turns[i + 1].strip(), add_special_tokens=False)["input_ids"]
             yield [*answer, tokenizer.eos_token_id], True
 
@@ -39,10 +39,18 @@ def encode_conversation(conversation: Conversation, tokenizer, template: str = "
         conversation = Conversation(conversation.turns[:-1], conversation.system, conversation.where)
     input_ids: list[int] = []
     labels: list[int] = []
-    for ids, trained in _segments(conversation, tokenizer, template, with_answers=True):
+    for ids, trained in _segments(conversation, tokenizer, template):
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    # The first token (BOS) is never a target: in a packed row it would be predicted from the previous
+    # conversation's last token, which unpacked training never does. Collation relies on this.
+    assert labels[0] == IGNORE_INDEX
     return {"input_ids": input_ids, "labels": labels}
+
+
+def without_targets(example: dict[str, list[int]]) -> dict[str, list[int]]:
+    """A copy of `example` that trains nothing (every label ignored): DDP's padding for an uneven epoch."""
+    return {**example, "labels": [IGNORE_INDEX] * len(example["labels"])}
 
 
 def prompt_turns(conversation: Conversation) -> Conversation:
@@ -55,7 +63,7 @@ def encode_prompt(conversation: Conversation, tokenizer, template: str = "llama2
     """Ids the model receives at predict time: earlier turns in full, then the last user turn's prompt."""
     conversation = prompt_turns(conversation)
     input_ids: list[int] = []
-    for ids, _ in _segments(conversation, tokenizer, template, with_answers=True):
+    for ids, _ in _segments(conversation, tokenizer, template):
         input_ids += ids
     return input_ids
 
@@ -100,3 +108,22 @@ def tokenize_for_training(
         examples.append(example)
     stats.examples = len(examples)
     return examples, stats
+
+
+def prompts_for_generation(conversations: list[Conversation], tokenizer, template: str) -> list[dict]:
+    """One prompt per conversation, in input order (`id` is the row index): predict and the samples callback.
+
+    `prompt` is the last user turn, `reference` the answer that followed it in the data (None if none).
+    """
+    prompts = []
+    for i, conversation in enumerate(conversations):
+        reference = None if conversation.ends_on_user else conversation.turns[-1]
+        prompts.append(
+            {
+                "id": i,
+                "prompt": prompt_turns(conversation).turns[-1],
+                "reference": reference,
+                "input_ids": encode_prompt(conversation, tokenizer, template),
+            }
+        )
+    return prompts

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from lima_lightning.errors import UserError
+from lima_lightning.hub import hub_errors, hub_token
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -33,30 +33,11 @@ def resolve_base_model(name: str, need_weights: bool = True) -> str:
     return name
 
 
-def _hub_errors(option: str, name: str):
-    """Context manager turning hub failures (gated, missing, offline) into one-line UserErrors."""
-    from contextlib import contextmanager
+def _from_hub_or_disk(path: str, name: str):
+    """Hub failures become one-line errors only for hub ids; a local directory's own errors stay as they are."""
+    from contextlib import nullcontext
 
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    @contextmanager
-    def guard():
-        try:
-            yield
-        except GatedRepoError:
-            raise UserError(
-                f"{option}={name}: the model is gated; accept its licence on huggingface.co/{name} and set HF_TOKEN in the environment"
-            ) from None
-        except RepositoryNotFoundError:
-            raise UserError(
-                f"{option}={name}: not found on the hub (or gated without HF_TOKEN); check the id or pass a local directory"
-            ) from None
-        except LocalEntryNotFoundError:
-            raise UserError(
-                f"{option}={name}: not in the local cache and the hub is unreachable; check the network or pass a local directory"
-            ) from None
-
-    return guard()
+    return nullcontext() if Path(path).is_dir() else hub_errors("model.base_model", name)
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -69,8 +50,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
             f"model.base_model={name}: the directory holds no tokenizer (tokenizer.json or tokenizer.model); "
             "point it at a saved Hugging Face model"
         )
-    with _hub_errors("model.base_model", name):
-        tokenizer = AutoTokenizer.from_pretrained(path, token=os.environ.get("HF_TOKEN"), trust_remote_code=trust_remote_code)
+    with _from_hub_or_disk(path, name):
+        tokenizer = AutoTokenizer.from_pretrained(path, token=hub_token(), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # Padding never reaches the loss (labels are -100 there) and <unk> is never generated,
         # so reusing it keeps the vocabulary, and the embedding matrix, unchanged.
@@ -104,12 +85,12 @@ def load_base_model(
         dtype = torch.bfloat16
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with _hub_errors("model.base_model", name):
+    with _from_hub_or_disk(path, name):
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
             device_map={"": device},
-            token=os.environ.get("HF_TOKEN"),
+            token=hub_token(),
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
             **kwargs,

@@ -20,6 +20,10 @@ from dataclasses import asdict, dataclass
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lima_lightning.data.collate import collate_rows
+from lima_lightning.data.tokenization import IGNORE_INDEX
+from lima_lightning.optim import optimizer_state_bytes
+
 GIB = 2**30
 
 
@@ -71,16 +75,6 @@ def probe_activation_memory(step: Callable[[int], None], device: torch.device, s
         peaks.append(torch.cuda.max_memory_allocated(device))
     per_token = max(0.0, (peaks[1] - peaks[0]) / (sizes[1] - sizes[0]))
     return peaks[0] - per_token * sizes[0], per_token
-
-
-def optimizer_state_bytes(params: list[torch.nn.Parameter], optimizer: str) -> int:
-    """AdamW keeps two moments per weight: in the weight's dtype (torch) or 8-bit (bitsandbytes `*_8bit`)."""
-    numel = sum(p.numel() for p in params)
-    if optimizer.endswith("_8bit"):
-        return 2 * numel
-    if optimizer == "paged_adamw_32bit":
-        return 8 * numel
-    return 2 * sum(p.numel() * p.element_size() for p in params)
 
 
 def set_attention(model, name: str, device: torch.device) -> str:
@@ -138,9 +132,12 @@ def estimate_memory(module, device: torch.device, max_tokens: int) -> MemoryEsti
     model.train()
 
     def step(n: int) -> None:
-        ids = torch.randint(3, vocab, (1, n), device=device)
+        ids = torch.randint(3, vocab, (n,)).tolist()
+        # One n-token row with every token but the first trained: the worst case of a real micro-batch.
+        batch = collate_rows([[{"input_ids": ids, "labels": [IGNORE_INDEX, *ids[1:]]}]], pad_id=0)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with module.trainer.precision_plugin.train_step_context():
-            nll, _ = module.masked_nll({"input_ids": ids, "labels": ids})
+            nll, _ = module.masked_nll(batch)
         nll.backward()
         for p in trainable:
             p.grad = None

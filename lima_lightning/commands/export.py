@@ -2,114 +2,56 @@
 
     lima-lightning export --adapter_path runs/llama2-7b-qlora/lightning_logs/version_0/adapters/final --out exported/llama2-7b-lima
 
-The result loads with `AutoModelForCausalLM.from_pretrained(out)`: no PEFT, no bitsandbytes.
-
-An adapter trained with QLoRA learned to correct the *NF4* weights, not the original bf16 ones, so it is
-merged onto those: the base is loaded in NF4 exactly as in training, each 4-bit weight is dequantized
-(bitsandbytes' `dequantize_4bit`, through transformers' `model.dequantize`), then the LoRA update is added.
-Merging onto the original bf16 base instead would shift every projection by the quantization error.
+The result loads with `AutoModelForCausalLM.from_pretrained(out)`: no PEFT, no bitsandbytes. A QLoRA adapter
+is merged onto the dequantized NF4 weights it was trained against (`lima_lightning.models.merging`).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
+from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from lima_lightning import runs
 from lima_lightning.errors import UserError
+from lima_lightning.generation import GenerationSettings
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def run_config(adapter_path: str | Path) -> tuple[dict, Path | None]:
-    """The `model:` section of the fit run's config.yaml (`<run dir>/adapters/<name>` -> `<run dir>/config.yaml`), if any."""
+    """The `model:` section of the config.yaml of the fit run the adapter belongs to, if there is one."""
     import yaml
 
-    config_file = Path(adapter_path).expanduser().resolve().parent.parent / "config.yaml"
+    config_file = runs.config_file(runs.run_of_adapter(adapter_path))
     if not config_file.is_file():
         return {}, None
     return (yaml.safe_load(config_file.read_text()) or {}).get("model") or {}, config_file
 
 
-def dequantize_nf4(model, dtype: torch.dtype):
-    """Replace each bitsandbytes Linear4bit by an nn.Linear holding its dequantized weight, cast to `dtype`.
-
-    These are the weights every NF4 forward pass multiplied by in training (bnb dequantizes to the compute
-    dtype, bf16, then multiplies), so an adapter merged onto them reproduces the QLoRA model.
-    """
-    import bitsandbytes as bnb
-
-    for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight.quant_state, "packing_format_for_cpu", False):
-            # bnb repacks CPU weights at the first eval forward; dequantize_4bit does not read that layout.
-            raise RuntimeError(f"{name}: NF4 weights were repacked for the CPU by a forward pass; dequantize a freshly loaded model")
-    return model.dequantize(dtype=dtype)
-
-
-MERGE_AUTO_SHARE = 0.75  # merge_for_generation=auto: the most of the GPU the NF4 base plus its merged copy may take
-
-
-def merged_weight_bytes(model, dtype_bytes: int = 2) -> int:
-    """Bytes of `model`'s weights once every NF4 layer is dequantized to a `dtype_bytes`-wide dtype."""
-    total = 0
-    for parameter in model.parameters():
-        # bitsandbytes keeps the unpacked shape in the quant state; the packed tensor holds two weights per byte.
-        shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
-        total += (math.prod(shape) if shape is not None else parameter.numel()) * dtype_bytes
-    return total
-
-
-def merged_copy_fits(base, device: torch.device) -> tuple[bool, str]:
-    """Whether a bf16 merged copy of `base` fits beside it with room left for generation (predict's `auto`)."""
-    if device.type != "cuda":
-        return True, "on the CPU host memory is not planned for"
-    total = torch.cuda.get_device_properties(device).total_memory
-    # The copy is made while the loaded base is still allocated.
-    need = torch.cuda.memory_allocated(device) + merged_weight_bytes(base, 2)
-    verdict = need <= MERGE_AUTO_SHARE * total
-    return verdict, f"base + bf16 copy {need / 2**30:.1f} GiB {'<=' if verdict else '>'} {MERGE_AUTO_SHARE:.0%} of {total / 2**30:.1f} GiB"
-
-
-def merge_into_base(base, adapter_path: str | None, base_name: str, dtype: torch.dtype):
-    """A plain transformers model: `base` (NF4 weights dequantized first) with the adapter at `adapter_path` added in.
-
-    Without `adapter_path` only the dequantization happens. Used by `export` and by predict's `merge_for_generation`.
-    """
-    from lima_lightning.models.loading import load_adapter
-
-    if getattr(base, "is_loaded_in_4bit", False):
-        base = dequantize_nf4(base, dtype)
-        # The replaced 4-bit weights sit in reference cycles: without a collection they stay allocated (3.1 GiB
-        # for 7B, measured on the H200) and shrink what generation can use for KV caches.
-        gc.collect()
-    model = base.to(dtype)
-    if adapter_path:
-        # safe_merge checks the merged weights for NaN/inf before replacing the originals.
-        model = load_adapter(model, adapter_path, base_name, trainable=False).merge_and_unload(safe_merge=True)
-    model.config.use_cache = True  # training turned the KV cache off; a standalone model generates
-    return model.eval()
-
-
-def generation_config(tokenizer, settings: dict):
-    """BOS/EOS/pad ids of the tokenizer (Llama-2: 1, 2, and <unk>=0 as pad) and the run's sampling defaults."""
+def generation_config(tokenizer, settings: GenerationSettings):
+    """BOS/EOS/pad ids of the tokenizer (Llama-2: 1, 2, and <unk>=0 as pad) and the run's sampling settings."""
     from transformers import GenerationConfig
 
-    sampling = (
-        {"temperature": settings.get("temperature", 0.8), "top_p": settings.get("top_p", 0.9)} if settings.get("do_sample", True) else {}
-    )
+    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
     return GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=settings.get("max_new_tokens", 500),
-        do_sample=settings.get("do_sample", True),
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
         **sampling,
     )
+
+
+def run_generation_settings(model_config: dict) -> GenerationSettings:
+    """The run's `model.generation` group (defaults for what it does not set)."""
+    known = {f.name for f in fields(GenerationSettings)}
+    return GenerationSettings(**{k: v for k, v in (model_config.get("generation") or {}).items() if k in known})
 
 
 def export(
@@ -132,6 +74,7 @@ def export(
     """
     from lima_lightning.io import write_dir_atomically
     from lima_lightning.models.loading import load_base_model, load_tokenizer
+    from lima_lightning.models.merging import merge_into_base
 
     adapter = Path(adapter_path).expanduser()
     if not (adapter / "adapter_config.json").is_file():
@@ -146,7 +89,7 @@ def export(
     quantization = quantization or settings.get("quantization")
     if quantization not in ("nf4", "none"):
         raise UserError(
-            f"--quantization: not given, and no model.quantization in {adapter.resolve().parent.parent / 'config.yaml'}; "
+            f"--quantization: not given, and no model.quantization in {runs.config_file(runs.run_of_adapter(adapter))}; "
             "pass --quantization nf4 if the adapter was trained with QLoRA, none if with LoRA on a bf16 base"
         )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -159,7 +102,7 @@ def export(
     tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_model)
     base = load_base_model(base_model, quantization, device)
     model = merge_into_base(base, str(adapter), base_model, DTYPES[dtype])
-    model.generation_config = generation_config(tokenizer, settings)
+    model.generation_config = generation_config(tokenizer, run_generation_settings(settings))
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
