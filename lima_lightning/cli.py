@@ -1,6 +1,6 @@
 """`lima-lightning fit|validate|test|predict`: LightningCLI over the module and the data module.
 
-Commands that need no Trainer (`stats`, `report`, `export`) are plain functions registered in
+Commands that need no Trainer (`stats`, `report`, `export`, `inspect`) are plain functions registered in
 `TOOL_COMMANDS`; each module there exposes `main(argv: list[str]) -> None`.
 """
 
@@ -22,7 +22,12 @@ from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.errors import UserError
 from lima_lightning.module import LIMALoRAModule
 
-TOOL_COMMANDS: dict[str, str] = {"stats": "lima_lightning.stats", "report": "lima_lightning.report", "export": "lima_lightning.export"}
+TOOL_COMMANDS: dict[str, str] = {
+    "stats": "lima_lightning.stats",
+    "report": "lima_lightning.report",
+    "export": "lima_lightning.export",
+    "inspect": "lima_lightning.commands.inspect",
+}
 
 
 class OneLineErrorParser(LightningArgumentParser):

@@ -1,0 +1,1 @@
+"""One module per tool subcommand, each exposing main(argv)."""
