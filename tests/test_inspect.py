@@ -308,7 +308,7 @@ def test_colour_terminal_marks_trained_tokens_green(tiny_tokenizer):
     assert "[INST] Hi [/INST][trained] Yo</s>[/trained]" in re.sub(r"\x1b\[[0-9;]*m", "", no_colour.file.getvalue())
 
 
-def test_bad_rows_are_one_line(lima_file, tiny_dir, capsys):
+def test_bad_rows_and_html_path_are_one_line(lima_file, tiny_dir, capsys):
     args = ["inspect", "--config", DEMO, "--data.dataset", str(lima_file), "--model.base_model", str(tiny_dir)]
     for rows, message in [
         ("0,x", "--rows 0,x: 'x' is not a row index; give 0-based row numbers separated by commas, e.g. 0,5,1021"),
@@ -323,6 +323,14 @@ def test_bad_rows_are_one_line(lima_file, tiny_dir, capsys):
             main([*args, "--rows", rows])
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.strip() == f"lima-lightning: error: {message}"
+    with pytest.raises(SystemExit):  # fit's own checks of its options apply
+        main([*args, "--data.max_seq_length", "8"])
+    assert capsys.readouterr().err.strip() == "lima-lightning: error: data.max_seq_length=8: must be at least 16"
+    with pytest.raises(SystemExit):
+        main([*args, "--html", str(lima_file.parent)])
+    assert capsys.readouterr().err.strip() == (
+        f"lima-lightning: error: --html {lima_file.parent}: is a directory; give a file name, e.g. {lima_file.parent / 'inspect.html'}"
+    )
     main([*args, "--rows", str(len(ROWS) - 1)])  # the last row is in range
     assert f"row {len(ROWS) - 1}  " in capsys.readouterr().out
 

@@ -14,12 +14,13 @@ Output, per row:
   - the text its ids decode to, with the trained tokens (each answer and its EOS) in green in a colour
     terminal and between [trained] and [/trained] otherwise (a pipe, a file, NO_COLOR). Special tokens
     (<s>, </s>) appear as text, in bold. A truncated row ends with a [cut ...] mark where
-    data.max_seq_length falls; the tokens after it are not shown (fit never sees them);
+    data.max_seq_length falls; the tokens after it are not shown (fit never sees them). A last user
+    turn without an answer is not shown either: a [left out ...] mark stands for it;
   - counts: tokens, trained tokens, truncated or not, a trailing user turn left out (fit drops it too);
   - one `warning:` line per problem found:
       no trained token (fit drops the row: the cut falls before its first answer, or it has none);
-      an answer not followed by a trained EOS where the row is not truncated (the model would not
-        learn to stop);
+      an answer not followed by a trained EOS (the model would not learn to stop), except the answer
+        the cut falls in (no EOS is added at a cut);
       decoding the ids does not give back the rendered text (the model would train on other text);
       a special token written as text in the data (`</s>`) that the tokenizer reads as the token itself.
 A summary line ends the output. --html FILE writes the same rows as one self-contained page, trained
@@ -42,6 +43,7 @@ import html
 import itertools
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lima_lightning.data.conversations import Conversation
 from lima_lightning.data.tokenization import IGNORE_INDEX, encode_conversation, segment_texts, tokenize_for_training
@@ -432,7 +434,7 @@ def render_html(views: list[RowView], intro: str) -> str:
 
 # ----------------------------------------------------------------------------- command
 def fit_data_config(fit_args: list[str]):
-    """fit's `data` options, resolved as fit resolves them (configs, overrides, the tokenizer linked to model.base_model).
+    """fit's `data` options, resolved and checked as fit does (configs, overrides, the tokenizer linked to model.base_model).
 
     Quietly: the parser's "Seed set to" line and LightningCLI's warning that `args` differ from sys.argv (they
     do on purpose: inspect's own options are taken out) are not inspect's output.
@@ -441,6 +443,7 @@ def fit_data_config(fit_args: list[str]):
     import warnings
 
     from lima_lightning.cli import parse_fit_config
+    from lima_lightning.data.datamodule import LIMADataModule
 
     seed_log = logging.getLogger("lightning.fabric.utilities.seed")
     level = seed_log.level
@@ -448,9 +451,11 @@ def fit_data_config(fit_args: list[str]):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            return parse_fit_config(fit_args).data
+            data = parse_fit_config(fit_args).data
     finally:
         seed_log.setLevel(level)
+    LIMADataModule(**data)  # its checks (e.g. data.max_seq_length >= 16), as fit would refuse the same values; loads nothing
+    return data
 
 
 def main(argv: list[str]) -> None:
@@ -460,6 +465,8 @@ def main(argv: list[str]) -> None:
     from lima_lightning.models.loading import load_tokenizer
 
     args, fit_args = parse_args(argv)
+    if args.html and Path(args.html).is_dir():
+        raise UserError(f"--html {args.html}: is a directory; give a file name, e.g. {Path(args.html) / 'inspect.html'}")
     data = fit_data_config(fit_args)
     conversations = load_conversations(data.dataset, "train", "data.dataset", data.synthetic_size)
     rows = args.rows if args.rows is not None else list(range(min(DEFAULT_ROWS, len(conversations))))
@@ -478,5 +485,8 @@ def main(argv: list[str]) -> None:
     )
     print_views(views, intro)
     if args.html:
-        path = write_text_atomically(args.html, render_html(views, intro))
+        try:
+            path = write_text_atomically(args.html, render_html(views, intro))
+        except OSError as e:
+            raise UserError(f"--html {args.html}: cannot write it ({e.strerror or type(e).__name__}); give a writable file path") from None
         print(f"wrote {path}")
