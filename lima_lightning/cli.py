@@ -1,7 +1,7 @@
 """`lima-lightning fit|validate|test|predict`: LightningCLI over the module and the data module.
 
-Commands that need no Trainer (`stats`, `report`, `export`) are registered in `TOOL_COMMANDS`; each module
-there exposes `main(argv: list[str]) -> None`.
+Commands that need no Trainer (`stats`, `report`, `export`, `inspect`) are registered in `TOOL_COMMANDS`; each
+module there exposes `main(argv: list[str]) -> None`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ TOOL_COMMANDS: dict[str, str] = {
     "stats": "lima_lightning.commands.stats",
     "report": "lima_lightning.report",
     "export": "lima_lightning.commands.export",
+    "inspect": "lima_lightning.commands.inspect",
 }
 
 

@@ -41,6 +41,20 @@ def write_jsonl_atomically(target: Path, rows: list[dict]) -> Path:
     return target
 
 
+def write_text_atomically(target: Path, text: str) -> Path:
+    """Write `text` (UTF-8) to a temporary beside `target` and rename it over `target`: no half-written file."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
 def append_jsonl(target: Path, rows: list[dict]) -> None:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

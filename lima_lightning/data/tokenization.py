@@ -20,17 +20,25 @@ from lima_lightning.data.templates import TEMPLATES
 IGNORE_INDEX = -100  # label value PyTorch's cross_entropy skips
 
 
-def _segments(conversation: Conversation, tokenizer, template: str):
-    """Yield (ids, trained) segments: each user turn's prompt (BOS first), then its answer and EOS if it has one."""
+def segment_texts(conversation: Conversation, template: str):
+    """Yield (text, trained) per segment, before tokenization: a rendered prompt, then an answer, per turn.
+
+    Public so that `lima-lightning inspect` can compare decoded ids with the text they came from; BOS
+    (before each prompt) and EOS (after each answer) are ids, added by `_segments`, not part of this text.
+    """
     render = TEMPLATES[template]
     turns = conversation.turns
     for i in range(0, len(turns), 2):
-        system = conversation.system if i == 0 else None
-        prompt = tokenizer(render(turns[i], system), add_special_tokens=False)["input_ids"]
-        yield [tokenizer.bos_token_id, *prompt], False
+        yield render(turns[i], conversation.system if i == 0 else None), False
         if i + 1 < len(turns):
-            answer = tokenizer(turns[i + 1].strip(), add_special_tokens=False)["input_ids"]
-            yield [*answer, tokenizer.eos_token_id], True
+            yield turns[i + 1].strip(), True
+
+
+def _segments(conversation: Conversation, tokenizer, template: str):
+    """Yield (ids, trained) segments: each user turn's prompt (BOS first), then its answer and EOS if it has one."""
+    for text, trained in segment_texts(conversation, template):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        yield ([*ids, tokenizer.eos_token_id] if trained else [tokenizer.bos_token_id, *ids]), trained
 
 
 def encode_conversation(conversation: Conversation, tokenizer, template: str = "llama2-chat") -> dict[str, list[int]]:
@@ -44,7 +52,7 @@ def encode_conversation(conversation: Conversation, tokenizer, template: str = "
         labels += ids if trained else [IGNORE_INDEX] * len(ids)
     # The first token (BOS) is never a target: in a packed row it would be predicted from the previous
     # conversation's last token, which unpacked training never does. Collation relies on this.
-    assert labels[0] == IGNORE_INDEX
+    assert not labels or labels[0] == IGNORE_INDEX
     return {"input_ids": input_ids, "labels": labels}
 
 
