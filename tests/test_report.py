@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from lima_lightning.errors import UserError
-from lima_lightning.report import Run, fenced, ngram_repeats, render_html, render_markdown, repeated_ngram_rate, summarize
+from lima_lightning.report.reading import Run
+from lima_lightning.report.rendering import fenced, render_html, render_markdown
+from lima_lightning.report.statistics import ngram_repeats, repeated_ngram_rate, summarize
 from tests.conftest import demo_args, run_cli
 
 
@@ -58,7 +60,7 @@ def test_html_escapes_every_text_and_markdown_fences_hold():
 
 
 def test_bad_inputs_are_user_errors(tmp_path):
-    from lima_lightning.report import load_runs
+    from lima_lightning.report.reading import load_runs
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 0, "prompt": "p", "response": "r", "finish_reason": "eos", "new_tokens": 1}\n{"id": 1, "prompt": "p"}\n')
