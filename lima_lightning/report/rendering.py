@@ -1,55 +1,42 @@
-"""The report as text: report.md (GitHub markdown) and report.html (one self-contained page, every text escaped)."""
+"""The report as text: report.md (GitHub markdown, PNGs beside it) and report.html (one self-contained page:
+every text escaped, the PNGs inlined). Both render the same tables (`tables`) and the same per-prompt responses."""
 
 from __future__ import annotations
 
 import base64
 import html
 import re
+from dataclasses import dataclass
 
+from lima_lightning.report.figures import Bootstrap, has_reference, run_figures
 from lima_lightning.report.reading import Run
-from lima_lightning.report.statistics import NGRAM, last_value, repeated_ngram_rate, summarize
+from lima_lightning.report.statistics import NGRAM, contains_answer, exact_match, repeated_ngram_rate
+from lima_lightning.report.tables import Table, figure_tables, fmt, summary_table
 
-
-def fmt(value: float | None, spec: str = ".3f") -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def summary_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    header = [
-        "run",
-        "prompts",
-        "mean new tokens",
-        "stopped at EOS",
-        "hit the limit",
-        f"repeated {NGRAM}-grams",
-        "last train/loss",
-        "last val/loss",
-    ]
-    rows = []
-    for run in runs:
-        s = summarize(list(run.predictions.values())) if run.predictions else None
-        generation = (
-            [
-                str(s.prompts),
-                fmt(s.mean_new_tokens, ".1f"),
-                fmt(s.eos_share, ".1%"),
-                fmt(s.length_share, ".1%"),
-                fmt(s.repeated_ngram_rate, ".1%"),
-            ]
-            if s
-            else ["—"] * 5
-        )
-        losses = [fmt(last_value(run.curves.get("train/loss"))), fmt(last_value(run.curves.get("val/loss")))]
-        rows.append([run.name, *generation, *losses])
-    return header, rows
-
-
-DEFINITIONS = (
-    f"*mean new tokens*: generated tokens per prompt, EOS included. *stopped at EOS* / *hit the limit*: share of prompts "
-    f"whose generation ended with EOS / at max_new_tokens. *repeated {NGRAM}-grams*: share of all word {NGRAM}-grams "
-    f"(whitespace-separated words), pooled over a run's responses, that repeat an earlier {NGRAM}-gram of the same response; "
-    "high values mean loops. *last train/loss, val/loss*: the last logged values (masked NLL per trained token)."
+TITLE = "Comparison report"
+LOSS_PNG = "loss_curves.png"
+LENGTHS_PNG = "length_histogram.png"
+LENGTH_DEFINITIONS = (
+    "Lengths in words (whitespace-separated) for responses and references alike: the references have no token count. "
+    "Every panel shares the same bins; the reference answers are outlined in black where rows carry them."
 )
+
+
+@dataclass(frozen=True)
+class Page:
+    """What a report shows besides its runs, computed once by the command and rendered twice."""
+
+    title: str = TITLE
+    intro: str | None = None
+    tables: list[Table] | None = None  # the figure tables; None: computed from the runs with the default bootstrap
+    lengths_png: bytes | None = None
+
+
+def figure_tables_of(runs: list[Run], page: Page) -> list[Table]:
+    if page.tables is not None:
+        return page.tables
+    boot = Bootstrap()
+    return figure_tables(runs, {run.name: run_figures(run, boot) for run in runs}, boot)
 
 
 def prompt_ids(runs: list[Run]) -> list[int]:
@@ -60,9 +47,20 @@ def first_row(runs: list[Run], i: int) -> dict:
     return next(run.predictions[i] for run in runs if i in run.predictions)
 
 
+def reference_verdict(row: dict) -> str | None:
+    """How a response compares with its row's reference (the table's definitions), None without a reference."""
+    if not has_reference(row):
+        return None
+    if exact_match(row["response"], row["reference"]):
+        return "exact match"
+    return "contains the answer" if contains_answer(row["response"], row["reference"]) else "no match"
+
+
 def response_stats(row: dict) -> str:
+    verdict = reference_verdict(row)
     return (
         f"{row['new_tokens']} tokens, {row['finish_reason']}, {fmt(repeated_ngram_rate([row['response']]), '.0%')} repeated {NGRAM}-grams"
+        + (f", {verdict}" if verdict else "")
     )
 
 
@@ -74,13 +72,22 @@ def fenced(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- markdown
-def render_markdown(runs: list[Run], png_name: str | None) -> str:
-    header, rows = summary_rows(runs)
-    lines = ["# Comparison report", "", "Runs:", ""]
+def markdown_table(table: Table) -> list[str]:
+    lines = [f"## {table.title}", "", "| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in table.rows] + ["", table.definitions, ""]
+
+
+def render_markdown(runs: list[Run], png_name: str | None, page: Page | None = None) -> str:
+    """`png_name`: the loss-curve PNG beside report.md (None: no curves); the length histogram, if any, is LENGTHS_PNG."""
+    page = page or Page()
+    lines = [f"# {page.title}", ""] + ([page.intro, ""] if page.intro else []) + ["Runs:", ""]
     lines += [f"- **{run.name}**: " + "; ".join(f"`{s}`" for s in run.sources) for run in runs]
-    lines += ["", "## Summary", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", DEFINITIONS, "", "## Loss curves", ""]
+    lines.append("")
+    for table in [summary_table(runs), *figure_tables_of(runs, page)]:
+        lines += markdown_table(table)
+    if page.lengths_png:
+        lines += ["## Response lengths", "", f"![response lengths against the references]({LENGTHS_PNG})", "", LENGTH_DEFINITIONS, ""]
+    lines += ["## Loss curves", ""]
     lines += [f"![train/loss and val/loss]({png_name})" if png_name else "No run has train/loss or val/loss events.", ""]
     generating = [run for run in runs if run.predictions]
     if generating:
@@ -128,25 +135,42 @@ pre.prompt { background: #eef3fb; padding: 0.6em; border-radius: 6px; }
 """
 
 
-def render_html(runs: list[Run], png: bytes | None) -> str:
-    """One self-contained page: every text escaped, the plot inlined as base64."""
+def html_table(table: Table) -> str:
     e = html.escape
-    header, rows = summary_rows(runs)
+    head = "".join(f"<th>{e(h)}</th>" for h in table.header)
+    rows = "\n".join("<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>" for row in table.rows)
+    definitions = e(table.definitions.replace("*", ""))
+    return f'<h2>{e(table.title)}</h2><table class="summary"><tr>{head}</tr>\n{rows}\n</table><p class="definitions">{definitions}</p>'
+
+
+def html_image(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def render_html(runs: list[Run], png: bytes | None, page: Page | None = None) -> str:
+    """One self-contained page: every text escaped, the plots inlined as base64."""
+    e = html.escape
+    page = page or Page()
     parts = [
         "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8"><title>Comparison report</title>',
+        f'<html lang="en"><head><meta charset="utf-8"><title>{e(page.title)}</title>',
         f"<style>{CSS}</style></head><body>",
-        "<h1>Comparison report</h1><ul>",
+        f"<h1>{e(page.title)}</h1>",
+        *([f'<p class="definitions">{e(page.intro.replace("*", ""))}</p>'] if page.intro else []),
+        "<ul>",
         *(f"<li><b>{e(run.name)}</b>: {e('; '.join(run.sources))}</li>" for run in runs),
-        '</ul><h2>Summary</h2><table class="summary"><tr>',
-        *(f"<th>{e(h)}</th>" for h in header),
-        "</tr>",
-        *("<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>" for row in rows),
-        f'</table><p class="definitions">{e(DEFINITIONS.replace("*", ""))}</p>',
+        "</ul>",
+        *(html_table(table) for table in [summary_table(runs), *figure_tables_of(runs, page)]),
+    ]
+    if page.lengths_png:
+        parts += [
+            "<h2>Response lengths</h2>",
+            html_image(page.lengths_png, "response lengths"),
+            f'<p class="definitions">{e(LENGTH_DEFINITIONS)}</p>',
+        ]
+    parts += [
         "<h2>Loss curves</h2>",
-        f'<img alt="train/loss and val/loss" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        if png
-        else "<p>No run has train/loss or val/loss events.</p>",
+        html_image(png, "train/loss and val/loss") if png else "<p>No run has train/loss or val/loss events.</p>",
     ]
     generating = [run for run in runs if run.predictions]
     if generating:
@@ -171,7 +195,9 @@ def prompt_html(generating: list[Run], i: int) -> list[str]:
             cards.append(f'<div class="card"><h4>{e(run.name)}</h4><p>(no prediction for this prompt)</p></div>')
             continue
         repeated = fmt(repeated_ngram_rate([row["response"]]), ".0%")
-        stats = f'{row["new_tokens"]} tokens · <span class="finish">{e(row["finish_reason"])}</span> · {repeated} repeated {NGRAM}-grams'
+        verdict = f" · {e(v)}" if (v := reference_verdict(row)) else ""
+        finish = f'<span class="finish">{e(row["finish_reason"])}</span>'
+        stats = f"{row['new_tokens']} tokens · {finish} · {repeated} repeated {NGRAM}-grams{verdict}"
         title = f'<h4>{e(run.name)} <span class="stats">{stats}</span></h4>'
         cards.append(f'<div class="card {e(row["finish_reason"])}">{title}<pre>{e(row["response"])}</pre></div>')
     parts += [f'<div class="grid" style="--columns: {len(cards)}">', *cards, "</div></section>"]
