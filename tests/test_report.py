@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from lima_lightning.errors import UserError
-from lima_lightning.report import Run, fenced, ngram_repeats, render_html, render_markdown, repeated_ngram_rate, summarize
+from lima_lightning.report.reading import Run
+from lima_lightning.report.rendering import fenced, render_html, render_markdown
+from lima_lightning.report.statistics import ngram_repeats, repeated_ngram_rate, summarize
 from tests.conftest import demo_args, run_cli
 
 
@@ -58,7 +60,7 @@ def test_html_escapes_every_text_and_markdown_fences_hold():
 
 
 def test_bad_inputs_are_user_errors(tmp_path):
-    from lima_lightning.report import load_runs
+    from lima_lightning.report.loading import load_runs
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 0, "prompt": "p", "response": "r", "finish_reason": "eos", "new_tokens": 1}\n{"id": 1, "prompt": "p"}\n')
@@ -158,3 +160,15 @@ def test_report_from_real_runs(runs, tmp_path, capsys):
         from lima_lightning.report import main as report_main
 
         report_main(["--run", f"base={runs['base-predict']}", "--out", str(runs["base-predict"])])
+
+
+@pytest.mark.slow
+def test_epochs_report_reads_real_lightning_logs(runs, tmp_path):
+    """--epochs on a real fit run: Lightning's `epoch` scalar places the epoch's end, so its column has the run's last losses."""
+    from lima_lightning.report import main as report_main
+
+    report_main(["--epochs", str(runs["fast-fit"]), "--out", str(tmp_path / "epochs")])
+    md = (tmp_path / "epochs" / "report.md").read_text()
+    losses = f"| {scalars(runs['fast-fit'], 'train/loss')[-1]:.3f} | {scalars(runs['fast-fit'], 'val/loss')[-1]:.3f} |"
+    line = next(line for line in md.splitlines() if line.startswith("| epoch=0 |"))
+    assert line.endswith(losses), (line, losses)
