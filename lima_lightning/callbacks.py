@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from lima_lightning import runs
 from lima_lightning.data.collate import pad_for_generation
+from lima_lightning.data.sampling import Masked
 from lima_lightning.data.tokenization import prompts_for_generation
 from lima_lightning.distributed import gather_adapter_state, gather_rows, is_fsdp
 from lima_lightning.errors import NonFiniteLossError
@@ -110,7 +111,8 @@ class SampleGenerations(Callback):
         return list(getattr(trainer.datamodule, "val_conversations", []))[: self.num_prompts]
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or trainer.global_rank != 0:
+        # During fit only: `validate` measures the loss, and its samples would only cost time.
+        if trainer.sanity_checking or trainer.global_rank != 0 or trainer.state.fn != "fit":
             return
         if is_fsdp(trainer.strategy):
             # Rank 0 holds a shard of the weights; generating alone would wait forever for the other ranks' shards.
@@ -163,3 +165,41 @@ class PredictionWriter(BasePredictionWriter):
         path = write_jsonl_atomically(runs.run_dir(trainer) / self.filename, rows)
         finished = sum(r["finish_reason"] == "eos" for r in rows)
         rank_zero_info(f"{len(rows)} predictions written to {path} ({finished} stopped at EOS)")
+
+
+class ValidationWriter(Callback):
+    def __init__(self, filename: str = runs.VALIDATION_FILE) -> None:
+        """
+        Args:
+            filename: `validate` and `test` write each held-out conversation's answer NLL (summed over its trained
+                tokens) and trained-token count into the run dir, one JSON line per conversation, for
+                `lima-lightning report`'s intervals.
+        """
+        self.filename = filename
+        self.rows: list[dict] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.rows = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.state.fn not in ("validate", "test") or trainer.sanity_checking:
+            return
+        datamodule = trainer.datamodule
+        example_rows = datamodule.val_batch_rows(batch_idx)
+        if isinstance(example_rows, Masked):  # DDP's padding of an uneven split: scores nothing
+            return
+        where = datamodule.stats["val"].example_where
+        for [i], nll, tokens in zip(example_rows, outputs["nll"].tolist(), outputs["tokens"].tolist(), strict=True):
+            self.rows.append({"id": i, "where": where[i], "nll": nll, "tokens": int(tokens)})
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn not in ("validate", "test") or trainer.sanity_checking:
+            return
+        rows = gather_rows(self.rows, trainer)  # a collective: every rank calls it
+        if trainer.is_global_zero and rows:
+            path = write_jsonl_atomically(runs.run_dir(trainer) / self.filename, sorted(rows, key=lambda r: r["id"]))
+            rank_zero_info(f"{len(rows)} held-out conversations scored, written to {path}")
+
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_end = on_validation_batch_end
+    on_test_epoch_end = on_validation_epoch_end

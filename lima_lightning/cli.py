@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lima_lightning.callbacks import PredictionWriter, SampleGenerations, SaveAdapters
+from lima_lightning.callbacks import PredictionWriter, SampleGenerations, SaveAdapters, ValidationWriter
 from lima_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, check_resume_config, load_checkpoint_file, resolve_resume
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.errors import UserError
@@ -56,6 +56,7 @@ class LimaCLI(LightningCLI):
         parser.add_lightning_class_args(SaveAdapters, "adapters")
         parser.add_lightning_class_args(SampleGenerations, "samples")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(ValidationWriter, "validation_rows")
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
 
     def instantiate_trainer(self, **kwargs):

@@ -217,9 +217,10 @@ class LIMALoRAModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._eval_tally = StepTally()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        nll, trained = self.masked_nll(batch)
-        self._eval_tally.add(nll, trained, batch["num_tokens"])
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        nll, trained = self.masked_nll(batch, per_row=True)
+        self._eval_tally.add(nll.sum(), trained.sum(), batch["num_tokens"])
+        return {"nll": nll.detach(), "tokens": trained}  # per row: what ValidationWriter writes
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_loss("val")
@@ -227,8 +228,8 @@ class LIMALoRAModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._log_eval_loss("test")

@@ -105,3 +105,27 @@ def test_user_error_is_one_line_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lima-lightning: error: ") and "missing.jsonl: no such file" in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.slow
+def test_validate_writes_each_held_out_conversations_answer_nll(demo_run, tmp_path):
+    """`validate` scores the held-out split once per conversation (validation.jsonl, report's intervals); the
+    rows add up to the logged val/loss, and the tuned adapter scores lower than the base model."""
+    run_dir, _ = demo_run
+
+    def validate(root: Path, *extra: str) -> tuple[list[dict], float]:
+        cli = run_cli("validate", *demo_args(root, "--data.batch_size", "3", *extra))
+        validate_dir = Path(cli.trainer.log_dir)
+        rows = [json.loads(line) for line in (validate_dir / "validation.jsonl").read_text().splitlines()]
+        assert not (validate_dir / "samples.jsonl").exists()  # samples are fit's, not validate's
+        return rows, scalars(validate_dir, "val/loss")[-1]
+
+    base_rows, base_loss = validate(tmp_path / "base")
+    tuned_rows, tuned_loss = validate(tmp_path / "tuned", "--model.adapter_path", str(run_dir / "adapters/final"))
+    assert [r["id"] for r in base_rows] == list(range(len(base_rows))) == [r["id"] for r in tuned_rows]  # each once, in order
+    assert len(base_rows) == 10  # 5% of the 200 synthetic conversations
+    assert [r["where"] for r in base_rows] == [r["where"] for r in tuned_rows] and base_rows[0]["where"].startswith("synthetic/train:")
+    for rows, loss in ((base_rows, base_loss), (tuned_rows, tuned_loss)):
+        assert all(r["tokens"] > 0 for r in rows)
+        assert sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows) == pytest.approx(loss, rel=1e-5)
+    assert tuned_loss < 0.5 * base_loss

@@ -88,6 +88,7 @@ class TokenizationStats:
     tokens: int = 0
     trained_tokens: int = 0
     truncated_where: list[str] = field(default_factory=list)
+    example_where: list[str] = field(default_factory=list)  # `file:line` of each example, in order
 
     def as_dict(self) -> dict[str, int]:
         return {k: v for k, v in vars(self).items() if isinstance(v, int)}
@@ -113,6 +114,7 @@ def tokenize_for_training(
             continue
         stats.tokens += len(example["input_ids"])
         stats.trained_tokens += n_trained
+        stats.example_where.append(conversation.where)
         examples.append(example)
     stats.examples = len(examples)
     return examples, stats
