@@ -15,6 +15,7 @@ from lima_lightning.data.tokenization import prompts_for_generation
 from lima_lightning.distributed import gather_adapter_state, gather_rows, is_fsdp
 from lima_lightning.errors import NonFiniteLossError
 from lima_lightning.io import append_jsonl, write_dir_atomically, write_jsonl_atomically
+from lima_lightning.phases import PHASES
 
 
 def save_adapter(pl_module, target: Path, state_dict: dict | None = None) -> Path:
@@ -74,10 +75,12 @@ class SaveAdapters(Callback):
     # Not rank_zero_only: every rank runs these hooks, so that FSDP can gather the sharded adapter; rank 0 writes.
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.every_epoch and not trainer.sanity_checking:
-            save_adapter_once(trainer, pl_module, runs.epoch_adapter_name(trainer.current_epoch))
+            with PHASES.timed("adapter saves"):
+                save_adapter_once(trainer, pl_module, runs.epoch_adapter_name(trainer.current_epoch))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        path = save_adapter_once(trainer, pl_module, runs.FINAL_ADAPTER)
+        with PHASES.timed("final save"):
+            path = save_adapter_once(trainer, pl_module, runs.FINAL_ADAPTER)
         rank_zero_info(f"adapter saved to {path}")
 
     @rank_zero_only

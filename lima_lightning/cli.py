@@ -21,7 +21,9 @@ from lima_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.errors import UserError
 from lima_lightning.generation import RENAMED_OPTIONS
+from lima_lightning.memory import request_budget
 from lima_lightning.module import LIMALoRAModule
+from lima_lightning.phases import PHASES, PhaseReport
 
 # Commands that need no Trainer: name -> module exposing `main(argv)`.
 TOOL_COMMANDS: dict[str, str] = {
@@ -58,12 +60,20 @@ class LimaCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(ValidationWriter, "validation_rows")
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
+        parser.add_argument(
+            "--gpu_memory_gib",
+            type=float | None,
+            default=None,
+            help="GPU memory this run may use, in GiB (default: the whole device), enforced per process: a run that "
+            "needs more fails as it would on a smaller card. Checkpointing, generation chunks and merging plan against it.",
+        )
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         # Atomic checkpoint writes and weights_only reads, unless a plugin chose another CheckpointIO.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer.callbacks.append(PhaseReport())  # the time from the command to its result, per phase
         return trainer
 
     def parse_arguments(self, parser, args) -> None:
@@ -84,6 +94,12 @@ class LimaCLI(LightningCLI):
             rank_zero_info(f"--ckpt_path: {config.ckpt_path} (epoch {checkpoint['epoch']}, step {checkpoint['global_step']})")
             if version is not None and subcommand == "fit":
                 self._resume_in = (version, int(checkpoint["global_step"]))
+
+    def before_instantiate_classes(self) -> None:
+        PHASES.mark_startup()
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
+        request_budget(config.get("gpu_memory_gib"))
 
     def before_fit(self) -> None:
         # Continue the run in its own run dir; TensorBoard drops what the killed process logged after the

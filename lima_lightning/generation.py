@@ -13,7 +13,9 @@ from typing import Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-GENERATION_MEMORY_FRACTION = 0.9  # of the GPU's total memory; the rest is the allocator's and the CUDA context's slack
+from lima_lightning.memory import budget_bytes
+
+GENERATION_MEMORY_FRACTION = 0.9  # of the memory budget; the rest is the allocator's and the CUDA context's slack
 
 
 @dataclass(frozen=True)
@@ -102,15 +104,14 @@ def rows_per_chunk(config, rows: int, prompt_len: int, max_new_tokens: int, dtyp
 
 
 def generation_memory_budget(device: torch.device) -> int | None:
-    """Bytes generation may use on `device`: a fixed share of its total memory minus what is allocated now.
+    """Bytes generation may use on `device`: a fixed share of the memory budget minus what is allocated now.
 
-    Total rather than free memory, so the chunking (and with it the samples) does not depend on what other
-    processes hold. None on CPU: host memory is not planned for.
+    The budget (`--gpu_memory_gib`, else the device's total) rather than free memory, so the chunking (and with
+    it the samples) does not depend on what other processes hold. None on CPU: host memory is not planned for.
     """
     if device.type != "cuda":
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
-    return max(0, int(total * GENERATION_MEMORY_FRACTION) - torch.cuda.memory_allocated(device))
+    return max(0, int(budget_bytes(device) * GENERATION_MEMORY_FRACTION) - torch.cuda.memory_allocated(device))
 
 
 @torch.no_grad()

@@ -18,9 +18,11 @@ from lima_lightning.distributed import clean_param_name, clip_gradients, fsdp_qu
 from lima_lightning.errors import UserError
 from lima_lightning.generation import GenerationSettings, generate
 from lima_lightning.loss import head_nll_sum, masked_nll_sum, scale_grads
+from lima_lightning.memory import apply_budget
 from lima_lightning.metrics import StepTally, check_finite, train_metrics
 from lima_lightning.models.loading import LLAMA_PROJECTIONS
 from lima_lightning.optim import OptimizerName, SchedulerName, build_optimizer, build_scheduler
+from lima_lightning.phases import PHASES
 
 # Models whose logits are exactly lm_head(last hidden state): no soft-capping or logit scaling in between.
 HEAD_ONLY_MODEL_TYPES = ("llama", "mistral")
@@ -108,7 +110,8 @@ class LIMALoRAModule(L.LightningModule):
     # ----------------------------------------------------------------------------- model
     def configure_model(self) -> None:
         if self.model is None:
-            self._load_model()
+            with PHASES.timed("load"):
+                self._load_model()
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # Attention kernel, adapter dtype, gradient checkpointing (auto: measured), compile; idempotent.
             from lima_lightning.models.speed import configure_for_training
@@ -136,7 +139,8 @@ class LIMALoRAModule(L.LightningModule):
         predicting = not training and self.trainer.state.fn == "predict"
         if predicting and decide_merge(self.generation.merge, base, device):
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            self.model = merge_into_base(base, hp.adapter_path, hp.base_model, dtype)
+            with PHASES.timed("merge"):
+                self.model = merge_into_base(base, hp.adapter_path, hp.base_model, dtype)
         elif hp.adapter_path:
             self.model = load_adapter(base, hp.adapter_path, hp.base_model, trainable=training)
         else:
@@ -146,6 +150,8 @@ class LIMALoRAModule(L.LightningModule):
         self.model.train(training)
 
     def setup(self, stage: str) -> None:
+        # Before anything is loaded onto this rank's device: --gpu_memory_gib caps what this process may allocate.
+        apply_budget(self.trainer.strategy.root_device)
         precision = str(self.trainer.precision)
         if precision.startswith("16"):
             raise UserError(

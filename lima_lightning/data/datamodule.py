@@ -16,6 +16,7 @@ from lima_lightning.data.sources import LIMA_HUB_ID, load_conversations
 from lima_lightning.data.templates import TemplateName
 from lima_lightning.data.tokenization import TokenizationStats, prompts_for_generation, tokenize_for_training
 from lima_lightning.errors import UserError
+from lima_lightning.phases import PHASES
 
 
 class LIMADataModule(L.LightningDataModule):
@@ -99,12 +100,13 @@ class LIMADataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         from lima_lightning.models.loading import load_tokenizer
 
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        if stage in ("fit", "validate", "test") and self.train_dataset is None:
-            self._setup_training()
-        if stage == "predict" and self.predict_dataset is None:
-            self._setup_predict()
+        with PHASES.timed("data"):
+            if self.tokenizer is None:
+                self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+            if stage in ("fit", "validate", "test") and self.train_dataset is None:
+                self._setup_training()
+            if stage == "predict" and self.predict_dataset is None:
+                self._setup_predict()
 
     def _setup_training(self) -> None:
         hp = self.hparams

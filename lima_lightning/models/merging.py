@@ -46,7 +46,9 @@ def merged_copy_fits(base, device: torch.device) -> tuple[bool, str]:
     """Whether a bf16 merged copy of `base` fits beside it with room left for generation (predict's `auto`)."""
     if device.type != "cuda":
         return True, "on the CPU host memory is not planned for"
-    total = torch.cuda.get_device_properties(device).total_memory
+    from lima_lightning.memory import budget_bytes
+
+    total = budget_bytes(device)  # --gpu_memory_gib, else the whole device
     # The copy is made while the loaded base is still allocated.
     need = torch.cuda.memory_allocated(device) + merged_weight_bytes(base, 2)
     verdict = need <= MERGE_AUTO_SHARE * total
