@@ -31,6 +31,7 @@ TOOL_COMMANDS: dict[str, str] = {
     "report": "lima_lightning.report",
     "export": "lima_lightning.commands.export",
     "inspect": "lima_lightning.commands.inspect",
+    "plan": "lima_lightning.commands.plan",
 }
 
 
@@ -159,16 +160,20 @@ def parse_fit_config(args: list[str]):
     For commands that take fit's arguments but load no weights (e.g. `inspect`, `plan`): `config.model`,
     `config.data` and `config.trainer` are namespaces of plain values; `LIMADataModule(**config.data)` is cheap.
     """
+    import warnings
+
     try:
-        return _ConfigOnlyCLI(
-            LIMALoRAModule,
-            LIMADataModule,
-            args=args,
-            run=False,
-            parser_class=OneLineErrorParser,
-            auto_configure_optimizers=False,
-            parser_kwargs={"default_env": False},
-        ).config
+        with warnings.catch_warnings():  # `args` is what this command was given, on purpose
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            return _ConfigOnlyCLI(
+                LIMALoRAModule,
+                LIMADataModule,
+                args=args,
+                run=False,
+                parser_class=OneLineErrorParser,
+                auto_configure_optimizers=False,
+                parser_kwargs={"default_env": False},
+            ).config
     except UserError as e:
         fail(e)
 

@@ -63,6 +63,7 @@ class MemoryEstimate:
     optimizer_bytes: float  # optimizer state, created after the probe
     max_tokens: int  # largest rows x width of any training micro-batch
     budget_bytes: float  # what this process may use on the device
+    checkpointed_choice: int | None = None  # set: that many layers are checkpointed (not `auto`'s choice)
 
     # Headroom for allocator fragmentation and the optimizer step's temporaries.
     MARGIN = 1.15
@@ -80,6 +81,8 @@ class MemoryEstimate:
     @property
     def checkpointed_layers(self) -> int:
         """The fewest layers to checkpoint for the largest micro-batch to fit (all of them if nothing fits)."""
+        if self.checkpointed_choice is not None:
+            return self.checkpointed_choice
         return next((k for k in range(self.num_layers + 1) if self.fits_with(k)), self.num_layers)
 
     @property
