@@ -224,7 +224,8 @@ class LIMALoRAModule(L.LightningModule):
         self._eval_tally = StepTally()
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        nll, trained = self.masked_nll(batch, per_row=True)
+        with self._layers_eager():  # compiled for training: a no-grad forward would compile its own graphs
+            nll, trained = self.masked_nll(batch, per_row=True)
         self._eval_tally.add(nll.sum(), trained.sum(), batch["num_tokens"])
         return {"nll": nll.detach(), "tokens": trained}  # per row: what ValidationWriter writes
 
@@ -257,12 +258,14 @@ class LIMALoRAModule(L.LightningModule):
     # ----------------------------------------------------------------------------- generation
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **overrides) -> list[dict]:
         settings = GenerationSettings(**{**asdict(self.generation), **overrides})
-        # model.compile compiles the layers for training batches; decoding with a KV cache would recompile them
-        # (generation.compile compiles the whole decoding step instead).
-        layers_eager = self.hparams.compile and not settings.compile
-        eager = torch.compiler.set_stance("force_eager") if layers_eager else contextlib.nullcontext()
-        with eager:
+        # generation.compile compiles the whole decoding step instead of the layers.
+        with self._layers_eager() if not settings.compile else contextlib.nullcontext():
             return generate(self.model, self.tokenizer, input_ids.to(self.device), attention_mask.to(self.device), settings)
+
+    def _layers_eager(self):
+        """model.compile compiles the layers for training steps; validation (no grad) and decoding (KV cache) run
+        them uncompiled rather than compiling graphs of their own (each a minute or more for 7B)."""
+        return torch.compiler.set_stance("force_eager") if self.hparams.compile else contextlib.nullcontext()
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         # Seeded per batch, so a batch's samples do not depend on what ran before it.

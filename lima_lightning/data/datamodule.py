@@ -199,11 +199,14 @@ class LIMADataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, self._val_sampler())
 
     def _val_sampler(self) -> MicroBatchSampler:
-        """The validation conversations in order, `batch_size` per batch; under DDP each once (Masked padding)."""
-        trainer = self.trainer
+        """The validation conversations, one per row (each scored on its own), in the same order every time; under
+        DDP each once (Masked padding). Token-budget training batches: length-grouped here too (little padding)."""
+        hp, trainer = self.hparams, self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        batching = "padded" if hp.batching == "padded" else "length_grouped"
         lengths = [len(e["input_ids"]) for e in self.val_dataset]
-        return MicroBatchSampler(lengths, "padded", self.hparams.batch_size, shuffle=False, num_replicas=world_size, rank=rank)
+        budget = {"max_tokens": hp.max_tokens_per_batch, "row_tokens": hp.max_seq_length}
+        return MicroBatchSampler(lengths, batching, hp.batch_size, **budget, shuffle=False, num_replicas=world_size, rank=rank)
 
     def val_batch_rows(self, batch_idx: int) -> Batch | Masked:
         """The validation example indices of this rank's batch `batch_idx` (rows of one example)."""

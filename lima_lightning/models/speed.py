@@ -64,12 +64,16 @@ def checkpointed_layer_count(model) -> int:
 
 
 def compile_decoder_layers(model, backend: str = "inductor") -> None:
-    """torch.compile each decoder layer in place; identical layers reuse one graph (two: the first layer's input
-    needs no gradient), so a 32-layer model compiles twice, not 32 times.
+    """torch.compile each decoder layer in place; identical layers reuse one graph, so a 32-layer model compiles
+    once, not 32 times (once more for checkpointed layers when only some are).
 
-    dynamic=True: token-budget batches change both rows and width every step; one graph with symbolic
-    shapes instead of a static first compile and recompiles as each dimension is seen to vary.
+    The embeddings' output is made to require a gradient, so that the first layer's input is like every other
+    layer's (without it the first layer is a graph of its own, compiled a second time); the extra backward work
+    is one input gradient of the first layer. dynamic=True: token-budget batches change both rows and width
+    every step; one graph with symbolic shapes instead of a static first compile and recompiles as each
+    dimension is seen to vary.
     """
+    model.enable_input_require_grads()
     for layer in model.get_decoder().layers:
         if not getattr(layer, "_lima_compiled", False):
             layer.compile(backend=backend, dynamic=True)
