@@ -112,16 +112,23 @@ def test_compiled_layers_give_the_same_loss_and_gradients(examples):  # noqa: F8
     module = make_module()
     batch = collate_rows([examples[:4], examples[4:]], 0)
     nll, eager = eager_loss_and_gradients(module, batch)
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
     compile_decoder_layers(module.model.get_base_model(), backend="aot_eager")
     compiled, _ = module.masked_nll(batch)
     compiled.backward()
+    assert counters["stats"]["unique_graphs"] - before == 1  # one graph serves every layer, the first one too
     torch.testing.assert_close(compiled, nll, rtol=1e-5, atol=1e-5)
     assert_grads_close({n: p.grad for n, p in module.named_parameters() if p.requires_grad}, eager)
-    # Generation (samples during fit, predict) runs the compiled layers eagerly instead of recompiling them.
-    from torch._dynamo.utils import counters
-
+    # Validation (no grad) and generation (samples during fit, predict) run the compiled layers eagerly
+    # instead of compiling graphs of their own.
     graphs = counters["stats"]["unique_graphs"]
     module.hparams.compile = True
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+    assert counters["stats"]["unique_graphs"] == graphs
     module.eval()
     prompt = collate_rows([examples[:1]], 0)["input_ids"]
     [result] = module.generate(prompt, torch.ones_like(prompt), max_new_tokens=3, do_sample=False)
