@@ -24,6 +24,7 @@ from lima_lightning.generation import RENAMED_OPTIONS
 from lima_lightning.memory import request_budget
 from lima_lightning.module import LIMALoRAModule
 from lima_lightning.phases import PHASES, PhaseReport
+from lima_lightning.progress import GenerationProgress
 
 # Commands that need no Trainer: name -> module exposing `main(argv)`.
 TOOL_COMMANDS: dict[str, str] = {
@@ -75,6 +76,7 @@ class LimaCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         trainer.callbacks.append(PhaseReport())  # the time from the command to its result, per phase
+        trainer.callbacks.append(GenerationProgress())  # predict: prompts and tokens, not batches
         return trainer
 
     def parse_arguments(self, parser, args) -> None:

@@ -114,9 +114,34 @@ def generation_memory_budget(device: torch.device) -> int | None:
     return max(0, int(budget_bytes(device) * GENERATION_MEMORY_FRACTION) - torch.cuda.memory_allocated(device))
 
 
+class TokenCounter:
+    """A transformers streamer that counts the new tokens of a batch as they are generated, for progress output.
+
+    `generate` hands it the prompts once, then each step's next token of every row (finished rows repeat the pad
+    id); `on_tokens(n)` gets the number of rows that produced a real token in the step.
+    """
+
+    def __init__(self, pad_id: int, on_tokens) -> None:
+        self.pad_id, self.on_tokens, self.prompt_seen = pad_id, on_tokens, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call is the prompt itself
+            self.prompt_seen = True
+            return
+        self.on_tokens(int((value != self.pad_id).sum()))
+
+    def end(self) -> None:
+        pass
+
+
 @torch.no_grad()
-def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: GenerationSettings) -> list[dict]:
-    """Generate for a left-padded (B, T) batch; return response text, finish reason and new-token count per row."""
+def generate(
+    model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: GenerationSettings, progress=None
+) -> list[dict]:
+    """Generate for a left-padded (B, T) batch; return response text, finish reason and new-token count per row.
+
+    progress: an object with `tokens(n)` and `prompts(n)` (see `progress.GenerationProgress`), told as it goes.
+    """
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
     cache = "static" if settings.compile else settings.cache
     dtype_bytes = model.dtype.itemsize  # the KV cache is kept in the model's dtype
@@ -139,9 +164,13 @@ def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Te
             use_cache=True,
             cache_implementation=cache,
             disable_compile=not settings.compile,  # transformers compiles static-cache decoding on CUDA by itself
+            streamer=TokenCounter(tokenizer.pad_token_id, progress.tokens) if progress is not None else None,
             **sampling,
         )
-        results += [describe_completion(row, tokenizer) for row in output[:, input_ids.shape[1] :].tolist()]
+        completed = [describe_completion(row, tokenizer) for row in output[:, input_ids.shape[1] :].tolist()]
+        if progress is not None:
+            progress.prompts(len(completed))
+        results += completed
     return results
 
 

@@ -96,6 +96,7 @@ class LIMALoRAModule(L.LightningModule):
         self.compile_backend = "inductor"  # tests and the CPU benchmark smoke run use "aot_eager"
         self.speed_settings: dict = {}
         self.step_tally = StepTally()
+        self.generation_progress = None  # set by progress.GenerationProgress while predicting
 
     @classmethod
     def around(cls, model, tokenizer, **options) -> LIMALoRAModule:
@@ -260,7 +261,8 @@ class LIMALoRAModule(L.LightningModule):
         settings = GenerationSettings(**{**asdict(self.generation), **overrides})
         # generation.compile compiles the whole decoding step instead of the layers.
         with self._layers_eager() if not settings.compile else contextlib.nullcontext():
-            return generate(self.model, self.tokenizer, input_ids.to(self.device), attention_mask.to(self.device), settings)
+            ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
+            return generate(self.model, self.tokenizer, ids, mask, settings, progress=self.generation_progress)
 
     def _layers_eager(self):
         """model.compile compiles the layers for training steps; validation (no grad) and decoding (KV cache) run

@@ -46,3 +46,23 @@ def test_fit_and_predict_end_with_their_time_split(tmp_path, caplog):
     predict = run_cli("predict", *demo_args(tmp_path, "--model.adapter_path", str(run_dir / "adapters/final")))
     predicted = json.loads((Path(predict.trainer.log_dir) / "phases.json").read_text())
     assert predicted["command"] == "predict" and {"load", "generate"} <= predicted["seconds"].keys()
+
+
+@pytest.mark.slow
+def test_predict_shows_prompts_and_tokens_as_they_are_generated(tmp_path, capsys):
+    from lima_lightning.progress import GenerationProgress
+
+    fit = run_cli("fit", *demo_args(tmp_path, "--trainer.max_steps", "2", "--trainer.max_epochs", "1", "--samples.num_prompts", "0"))
+    adapter = str(Path(fit.trainer.log_dir) / "adapters/final")
+    counts = []
+    original = GenerationProgress.tokens
+    GenerationProgress.tokens = lambda self, n: (counts.append(n), original(self, n))[1]
+    try:
+        shown = ("--trainer.enable_progress_bar", "true", "--data.predict_batch_size", "8", "--model.generation.max_new_tokens", "6")
+        predict = run_cli("predict", *demo_args(tmp_path, "--model.adapter_path", adapter, *shown))
+    finally:
+        GenerationProgress.tokens = original
+    rows = [json.loads(line) for line in (Path(predict.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
+    assert sum(counts) == sum(r["new_tokens"] for r in rows)  # every generated token counted once, EOS included
+    err = capsys.readouterr().err
+    assert f"{len(rows)}/{len(rows)}" in err and f"{sum(counts):,} tokens" in err and "prompt" in err
