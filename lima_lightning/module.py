@@ -45,8 +45,11 @@ class LIMALoRAModule(L.LightningModule):
         optimizer: OptimizerName = "adamw",
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.03,
         scheduler: SchedulerName = "cosine",
+        min_lr_ratio: float = 0.0,
+        residual_dropout: float = 0.0,
         adapter_path: str | None = None,
         generation: GenerationSettings = GenerationSettings(),
         trust_remote_code: bool = False,
@@ -76,8 +79,13 @@ class LIMALoRAModule(L.LightningModule):
             optimizer: `adamw` (torch) or a bitsandbytes 8-bit / paged AdamW (less optimizer memory).
             learning_rate: Peak learning rate after warmup.
             weight_decay: AdamW weight decay on the LoRA weights.
+            adam_betas: AdamW's (beta1, beta2); the LIMA paper trains with (0.9, 0.95).
             warmup_ratio: Share of the optimizer steps spent warming the learning rate up from 0.
             scheduler: Learning-rate decay after warmup.
+            min_lr_ratio: Where the decay ends, as a share of the peak rate (the LIMA paper: 0.1); 0: down to 0.
+            residual_dropout: Dropout on each decoder layer's attention and MLP outputs before they join the residual
+                stream, rising linearly from 0 at the bottom layer to this rate at the top one, as the LIMA paper
+                trains (0.2 for 7B and 13B, 0.3 for 65B); training only; 0: off.
             adapter_path: A saved adapter directory to start from (fit) or generate with (predict);
                 without it, fit starts fresh adapters and predict uses the base model alone.
             generation: How predict, chat and the samples callback generate (`--model.generation.*`).
@@ -113,6 +121,10 @@ class LIMALoRAModule(L.LightningModule):
         if self.model is None:
             with PHASES.timed("load"):
                 self._load_model()
+        if self.hparams.residual_dropout:
+            from lima_lightning.models.residual_dropout import add_residual_dropout
+
+            add_residual_dropout(self.model, self.hparams.residual_dropout)
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # Attention kernel, adapter dtype, gradient checkpointing (auto: measured), compile; idempotent.
             from lima_lightning.models.speed import configure_for_training
@@ -252,8 +264,9 @@ class LIMALoRAModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = build_optimizer(self.trainable_parameters(), hp.optimizer, hp.learning_rate, hp.weight_decay)
-        scheduler = build_scheduler(optimizer, hp.scheduler, int(self.trainer.estimated_stepping_batches), hp.warmup_ratio)
+        optimizer = build_optimizer(self.trainable_parameters(), hp.optimizer, hp.learning_rate, hp.weight_decay, hp.adam_betas)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, hp.scheduler, total_steps, hp.warmup_ratio, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------------- generation
@@ -292,6 +305,12 @@ def check_options(hp, generation: GenerationSettings) -> None:
         problems.append(f"model.learning_rate={hp.learning_rate}: must be positive, e.g. 2e-4")
     if not 0.0 <= hp.warmup_ratio < 1.0:
         problems.append(f"model.warmup_ratio={hp.warmup_ratio}: must be in [0, 1)")
+    if not 0.0 <= hp.min_lr_ratio <= 1.0:
+        problems.append(f"model.min_lr_ratio={hp.min_lr_ratio}: must be in [0, 1], e.g. 0.1 to end at a tenth of the peak")
+    if not 0.0 <= hp.residual_dropout < 1.0:
+        problems.append(f"model.residual_dropout={hp.residual_dropout}: must be in [0, 1), e.g. 0.2")
+    if not all(0.0 <= b < 1.0 for b in hp.adam_betas):
+        problems.append(f"model.adam_betas={list(hp.adam_betas)}: each must be in [0, 1), e.g. [0.9, 0.95]")
     if hp.loss_chunk_size < 0:
         problems.append(f"model.loss_chunk_size={hp.loss_chunk_size}: must be >= 0 (0: no chunking), e.g. 1024")
     problems += generation.problems()
