@@ -29,6 +29,7 @@ TOOL_COMMANDS: dict[str, str] = {
     "report": "lima_lightning.report",
     "export": "lima_lightning.commands.export",
     "inspect": "lima_lightning.commands.inspect",
+    "chat": "lima_lightning.commands.chat",
 }
 
 

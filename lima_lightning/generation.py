@@ -114,8 +114,13 @@ def generation_memory_budget(device: torch.device) -> int | None:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: GenerationSettings) -> list[dict]:
-    """Generate for a left-padded (B, T) batch; return response text, finish reason and new-token count per row."""
+def generate(
+    model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: GenerationSettings, streamer=None
+) -> list[dict]:
+    """Generate for a left-padded (B, T) batch; return response text, finish reason and new-token count per row.
+
+    streamer: a transformers streamer (`TextStreamer`) that receives the tokens as they are generated (one row only).
+    """
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
     cache = "static" if settings.compile else settings.cache
     dtype_bytes = model.dtype.itemsize  # the KV cache is kept in the model's dtype
@@ -138,6 +143,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Te
             use_cache=True,
             cache_implementation=cache,
             disable_compile=not settings.compile,  # transformers compiles static-cache decoding on CUDA by itself
+            streamer=streamer,
             **sampling,
         )
         results += [describe_completion(row, tokenizer) for row in output[:, input_ids.shape[1] :].tolist()]

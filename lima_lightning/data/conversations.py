@@ -102,7 +102,9 @@ def _read_rows(path: Path):
             head = f.read(4)
             f.seek(max(0, path.stat().st_size - 4))
             if head != b"PAR1" or f.read(4) != b"PAR1":
-                raise UserError(f"{path}: not a parquet file (no PAR1 header and footer); expected rows in one of the formats of docs/data.md")
+                raise UserError(
+                    f"{path}: not a parquet file (no PAR1 header and footer); expected rows in one of the formats of docs/data.md"
+                )
         import datasets  # heavy import, only for parquet files
 
         try:
@@ -201,8 +203,7 @@ def _parse_sharegpt(messages: list, where: str) -> Conversation:
         source = message["from"]
         if not isinstance(source, str) or source not in SHAREGPT_ROLES:
             raise UserError(
-                f"{where}: conversations[{i}].from is {source!r:.40}; expected 'human' or 'gpt' (or 'user', 'assistant'), "
-                "or 'system' first"
+                f"{where}: conversations[{i}].from is {source!r:.40}; expected 'human' or 'gpt' (or 'user', 'assistant'), or 'system' first"
             )
         roles_and_texts.append((SHAREGPT_ROLES[source], _check_text(message["value"], where, f"conversations[{i}].value"), source))
     return _alternating(roles_and_texts, where, "conversations", "from", ("system", "human", "gpt"))

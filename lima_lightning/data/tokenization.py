@@ -67,9 +67,7 @@ def rendered_segments(conversation: Conversation, tokenizer, template: str) -> l
     if template == "tokenizer":
         return [(text, trained) for text, _, trained in _tokenizer_template_pieces(conversation, tokenizer)]
     bos, eos = tokenizer.bos_token, tokenizer.eos_token
-    return [
-        (f"{bos if s.bos else ''} {s.text}{eos if s.eos else ''}", s.trained) for s in _text_template(template)(conversation)
-    ]
+    return [(f"{bos if s.bos else ''} {s.text}{eos if s.eos else ''}", s.trained) for s in _text_template(template)(conversation)]
 
 
 # ----------------------------------------------------------------------------- data.template=tokenizer
@@ -283,8 +281,9 @@ def set_chat_template(tokenizer, template: str) -> None:
             chat_messages(prompt_turns(conversation)), add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"]
         whole = tokenizer.apply_chat_template(chat_messages(answered), tokenize=True, return_dict=True)["input_ids"]
-        if list(prompt) != encode_prompt(conversation, tokenizer, template) or list(whole) != (
-            encode_conversation(conversation, tokenizer, template)["input_ids"]
+        if (
+            list(prompt) != encode_prompt(conversation, tokenizer, template)
+            or list(whole) != (encode_conversation(conversation, tokenizer, template)["input_ids"])
         ):
             tokenizer.chat_template = before
             raise UserError(
