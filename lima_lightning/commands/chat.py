@@ -24,6 +24,7 @@ or `auto` with one). Sampling follows `model.generation` (seeded once with its `
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -32,6 +33,7 @@ from lima_lightning.data.conversations import Conversation
 from lima_lightning.data.tokenization import encode_prompt
 from lima_lightning.errors import UserError
 
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # byte-fallback tokens, as Llama-2's SentencePiece names them
 COMMANDS = {"/reset": "start a new conversation", "/exit": "end the session", "/help": "list these commands"}
 
 
@@ -205,23 +207,47 @@ def load_module(model_options: dict, device):
     return module.to(device)
 
 
+class Streamer:
+    """Writes an answer to `out` as its tokens are generated (transformers' streamer protocol: `put`, `end`).
+
+    Each step decodes the answer's tokens so far, as predict decodes the finished answer, and writes what is new. A
+    trailing run of byte tokens (`<0xE2>`: Llama spells rare characters byte by byte) waits for the token after it:
+    until the run ends, its bytes may still become one character, or U+FFFD each.
+    """
+
+    def __init__(self, tokenizer, out: TextIO) -> None:
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] | None = None  # None until the prompt, which generate puts first, has gone by
+        self.written = ""
+
+    def put(self, value) -> None:
+        if self.ids is None:
+            self.ids = []
+            return
+        self.ids += [i for i in value.reshape(-1).tolist() if i != self.tokenizer.eos_token_id]
+        tokens = self.tokenizer.convert_ids_to_tokens(self.ids)
+        settled = len(tokens)
+        while settled and BYTE_TOKEN.fullmatch(tokens[settled - 1]):
+            settled -= 1
+        self._write(self.tokenizer.decode(self.ids[:settled], skip_special_tokens=True))
+
+    def end(self) -> None:
+        self._write(self.tokenizer.decode(self.ids or [], skip_special_tokens=True))
+        self.out.write("\n")
+        self.out.flush()
+
+    def _write(self, text: str) -> None:
+        if text.startswith(self.written):  # more settled tokens only append to the text
+            self.out.write(text[len(self.written) :])
+            self.out.flush()
+            self.written = text
+
+
 def module_generator(module):
     """`generate(ids, out)` for `ChatSession`: one prompt through predict's `generate`, streamed to `out` if given."""
     import torch
-    from transformers import TextStreamer
 
     from lima_lightning.generation import generate
-
-    class Streamer(TextStreamer):
-        """transformers' word-by-word streamer, writing to `out` rather than print()."""
-
-        def __init__(self, tokenizer, out: TextIO) -> None:
-            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            self.out = out
-
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            self.out.write(text + ("\n" if stream_end else ""))
-            self.out.flush()
 
     def run(ids: list[int], out: TextIO | None) -> dict:
         input_ids = torch.tensor([ids], device=module.device)
