@@ -103,26 +103,35 @@ def test_turn_k_feeds_the_training_ids_of_the_k_turn_conversation(template, syst
 
 
 def test_history_drops_the_oldest_exchanges_to_fit_max_seq_length(tiny_tokenizer):
-    """The prompt plus max_new_tokens stays within data.max_seq_length; what is dropped is said, the rest fed whole."""
-    fed = []
+    """Each prompt plus max_new_tokens fits data.max_seq_length with as few of the oldest exchanges dropped as that
+    needs (one more would not fit), the rest fed as training encodes it; what is dropped is said."""
+    tok, fed = tiny_tokenizer, []
 
     def generate(ids, out):
         fed.append(ids)
         return {"response": "An answer of some length.", "finish_reason": "eos", "new_tokens": 26}
 
-    session = chat.ChatSession(generate, tiny_tokenizer, "llama2-chat", max_seq_length=150, max_new_tokens=20)
-    notes = io.StringIO()
-    for i in range(4):
-        session.ask(f"Question number {i}?", None, notes)
-    assert all(len(ids) <= 150 - 20 for ids in fed)
-    kept = Conversation(tuple(session.turns[:-1]))  # the history the last prompt was built from, and its question
-    assert fed[-1] == encode_prompt(kept, tiny_tokenizer) and len(session.turns) < 8 and session.turns[-2] == "Question number 3?"
-    assert "(dropped the oldest 1 exchange of the conversation: the prompt plus max_new_tokens=20 must fit data.max_seq_length=150)" in (
-        notes.getvalue()
+    max_seq_length, max_new_tokens = 200, 60
+    session = chat.ChatSession(generate, tok, "llama2-chat", max_seq_length, max_new_tokens)
+    notes, everything = io.StringIO(), []  # everything: the whole conversation, nothing dropped
+    for i in range(6):
+        question = f"Question number {i}?"
+        session.ask(question, None, notes)
+        kept = len(session.turns) // 2 - 1  # earlier exchanges the prompt was built from
+        assert fed[-1] == encode_prompt(Conversation((*session.turns[:-2], question)), tok)
+        assert len(fed[-1]) <= max_seq_length - max_new_tokens
+        if kept < len(everything) // 2:  # something was dropped: one exchange more would not have fitted
+            one_more = Conversation((*everything[-2 * kept - 2 :], question))
+            assert len(encode_prompt(one_more, tok)) > max_seq_length - max_new_tokens
+        everything += [question, "An answer of some length."]
+    assert len(session.turns) < len(everything)
+    assert (
+        "(dropped the oldest 1 exchange of the conversation: the prompt plus max_new_tokens=60 must fit data.max_seq_length=200)"
+        in notes.getvalue()
     )
     session.reset()
     session.ask("x" * 300, None, notes)  # too long alone: answered anyway, and said
-    assert "this prompt is" in notes.getvalue() and "answering anyway" in notes.getvalue() and len(fed[-1]) > 130
+    assert "this prompt is" in notes.getvalue() and "answering anyway" in notes.getvalue() and len(fed[-1]) > 140
 
 
 def test_commands_and_the_end_of_input(tiny_tokenizer):
@@ -153,7 +162,11 @@ def test_main_in_process_ends_at_end_of_input_exit_and_ctrl_c(adapter):
     chat.main(chat_args(adapter), stdin=io.StringIO(f"/exit\n{QUESTION}\n"), stdout=out, stderr=io.StringIO())
     assert out.getvalue() == "you> /exit\n"
     out = io.StringIO()
-    assert chat.main(chat_args(adapter), stdin=CtrlC(), stdout=out, stderr=io.StringIO()) is None and out.getvalue() == "\n"
+    try:
+        chat.main(chat_args(adapter), stdin=CtrlC(), stdout=out, stderr=io.StringIO())
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped chat.main")
+    assert out.getvalue() == "\n"
 
 
 def test_bad_device_or_prompt_is_one_line(monkeypatch, adapter):
