@@ -92,7 +92,9 @@ def _read_rows(path: Path):
         try:
             data = json.loads(_decode(raw, path, "utf-8-sig"))
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected a JSON list of rows") from None
+            raise UserError(
+                f"{path}:{e.lineno}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected a JSON list of rows"
+            ) from None
         if not isinstance(data, list):
             raise UserError(f"{path}: top level is {_json_type(data)}; expected a JSON list of rows")
         for i, row in enumerate(data, start=1):
