@@ -296,9 +296,9 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
         config = fit_config(fit_args)
         model_options = config.model.as_dict()
         device = chat_device(config.trainer.accelerator)
-        if args.prompt is None:
-            print(describe(model_options, config.data, device), file=stderr, flush=True)
         module = load_module(model_options, device)
+        if args.prompt is None:  # after loading: a mistake found while loading stays one line on stderr
+            print(describe(model_options, config.data, device), file=stderr, flush=True)
         torch.manual_seed(module.generation.seed)
         session = ChatSession(
             module_generator(module),
