@@ -33,6 +33,7 @@ TOOL_COMMANDS: dict[str, str] = {
     "export": "lima_lightning.commands.export",
     "inspect": "lima_lightning.commands.inspect",
     "plan": "lima_lightning.commands.plan",
+    "chat": "lima_lightning.commands.chat",
 }
 
 

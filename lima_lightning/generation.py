@@ -136,11 +136,18 @@ class TokenCounter:
 
 @torch.no_grad()
 def generate(
-    model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: GenerationSettings, progress=None
+    model,
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: GenerationSettings,
+    progress=None,
+    streamer=None,
 ) -> list[dict]:
     """Generate for a left-padded (B, T) batch; return response text, finish reason and new-token count per row.
 
     progress: an object with `tokens(n)` and `prompts(n)` (see `progress.GenerationProgress`), told as it goes.
+    streamer: a transformers streamer that receives the tokens as they are generated (chat: one row only).
     """
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
     cache = "static" if settings.compile else settings.cache
@@ -164,7 +171,7 @@ def generate(
             use_cache=True,
             cache_implementation=cache,
             disable_compile=not settings.compile,  # transformers compiles static-cache decoding on CUDA by itself
-            streamer=TokenCounter(tokenizer.pad_token_id, progress.tokens) if progress is not None else None,
+            streamer=streamer or (TokenCounter(tokenizer.pad_token_id, progress.tokens) if progress is not None else None),
             **sampling,
         )
         completed = [describe_completion(row, tokenizer) for row in output[:, input_ids.shape[1] :].tolist()]

@@ -3,13 +3,16 @@
     lima-lightning export --adapter_path runs/llama2-7b-qlora/lightning_logs/version_0/adapters/final --out exported/llama2-7b-lima
 
 The result loads with `AutoModelForCausalLM.from_pretrained(out)`: no PEFT, no bitsandbytes. A QLoRA adapter
-is merged onto the dequantized NF4 weights it was trained against (`lima_lightning.models.merging`).
+is merged onto the dequantized NF4 weights it was trained against (`lima_lightning.models.merging`). The
+tokenizer's chat_template renders the run's `data.template`: `tokenizer.apply_chat_template(messages,
+add_generation_prompt=True)` gives exactly the ids `predict` feeds the model (checked before writing).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Literal
@@ -17,6 +20,7 @@ from typing import Literal
 import torch
 
 from lima_lightning import runs
+from lima_lightning.data.templates import TemplateName
 from lima_lightning.errors import UserError
 from lima_lightning.generation import GenerationSettings
 
@@ -31,6 +35,16 @@ def run_config(adapter_path: str | Path) -> tuple[dict, Path | None]:
     if not config_file.is_file():
         return {}, None
     return (yaml.safe_load(config_file.read_text()) or {}).get("model") or {}, config_file
+
+
+def run_template(adapter_path: str | Path) -> str | None:
+    """The `data.template` of the fit run the adapter belongs to (None without a config.yaml or the key)."""
+    import yaml
+
+    config_file = runs.config_file(runs.run_of_adapter(adapter_path))
+    if not config_file.is_file():
+        return None
+    return ((yaml.safe_load(config_file.read_text()) or {}).get("data") or {}).get("template")
 
 
 def generation_config(tokenizer, settings: GenerationSettings):
@@ -61,6 +75,7 @@ def export(
     quantization: Literal["nf4", "none"] | None = None,
     dtype: Literal["bf16", "fp32"] = "bf16",
     device: str | None = None,
+    template: str | None = None,
 ) -> Path:
     """Merge `adapter_path` into its base and write a standalone model directory to `out` (atomically).
 
@@ -71,7 +86,10 @@ def export(
         quantization: What the base was trained in (`nf4`: QLoRA, `none`: LoRA); default: the run's config.yaml.
         dtype: Weight dtype of the exported model.
         device: Where to load and merge (default: cuda if available, else cpu).
+        template: The chat template the adapter was trained with, written into the tokenizer as its chat_template;
+            default: the run's data.template, else llama2-chat.
     """
+    from lima_lightning.data.tokenization import set_chat_template
     from lima_lightning.io import write_dir_atomically
     from lima_lightning.models.loading import load_base_model, load_tokenizer
     from lima_lightning.models.merging import merge_into_base
@@ -100,6 +118,10 @@ def export(
         print(f"export: merging onto {base_model} ({dtype}){source}")
 
     tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_model)
+    # apply_chat_template on the exported tokenizer then gives exactly the ids predict feeds the model.
+    template = template or run_template(adapter) or "llama2-chat"
+    set_chat_template(tokenizer, template)
+    print(f"export: the tokenizer's chat_template renders data.template={template}, as in training")
     base = load_base_model(base_model, quantization, device)
     model = merge_into_base(base, str(adapter), base_model, DTYPES[dtype])
     model.generation_config = generation_config(tokenizer, run_generation_settings(settings))
@@ -127,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weight dtype of the exported model (default: bf16)")
     parser.add_argument("--device", help="where to load and merge (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--template",
+        choices=list(typing.get_args(TemplateName)),
+        help="chat template written into the tokenizer (default: the run's data.template, else llama2-chat)",
+    )
     return parser
 
 

@@ -38,11 +38,16 @@ class LIMADataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            dataset: Training conversations: `GAIR/lima` (hub, gated: set HF_TOKEN), a local
-                `.jsonl`/`.json`/`.parquet` file in LIMA format (`conversations`) or chat format
-                (`messages`), or `synthetic` (built-in tasks with exact answers; no download).
+            dataset: Training conversations: `GAIR/lima` (hub, gated: set HF_TOKEN), another hub dataset
+                holding `train.jsonl`, a local `.jsonl`/`.json`/`.parquet` file, or `synthetic` (built-in tasks
+                with exact answers; no download). Rows in LIMA (`conversations`: strings), chat (`messages`),
+                Alpaca (`instruction`, `input`, `output`) or ShareGPT (`conversations`: `from`/`value`) format,
+                one format per file (docs/data.md).
             tokenizer: Tokenizer to use; linked to `model.base_model`, so it is never set by hand.
-            template: Chat template wrapped around each user turn.
+            template: Chat template. `llama2-chat`: Meta's `<s>[INST] user [/INST] answer</s>` per exchange.
+                `lima`: the LIMA paper's plain style, `<s> user</s> answer</s> ...` (no role markers, `</s>` ends
+                every utterance). `tokenizer`: the base tokenizer's own chat_template. Each trains every answer and
+                one EOS after it, nothing else (`lima-lightning inspect` shows it).
             max_seq_length: Longer conversations are truncated (and counted); LIMA at 2048 keeps ~93% whole.
             batch_size: Conversations per training micro-batch (per device) with `batching: padded`.
             batching: How training micro-batches are formed (see `data/sampling.py`). `padded`: `batch_size`
