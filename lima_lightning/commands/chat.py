@@ -252,7 +252,7 @@ def module_generator(module):
     def run(ids: list[int], out: TextIO | None) -> dict:
         input_ids = torch.tensor([ids], device=module.device)
         streamer = Streamer(module.tokenizer, out) if out is not None else None
-        return generate(module.model, module.tokenizer, input_ids, torch.ones_like(input_ids), module.generation, streamer)[0]
+        return generate(module.model, module.tokenizer, input_ids, torch.ones_like(input_ids), module.generation, streamer=streamer)[0]
 
     return run
 
