@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lima_lightning.callbacks import PredictionWriter, SampleGenerations, SaveAdapters, ValidationWriter
 from lima_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, check_resume_config, load_checkpoint_file, resolve_resume
 from lima_lightning.data.datamodule import LIMADataModule
-from lima_lightning.errors import UserError
+from lima_lightning.errors import CheckFailed, UserError
 from lima_lightning.generation import RENAMED_OPTIONS
 from lima_lightning.memory import request_budget
 from lima_lightning.module import LIMALoRAModule
@@ -153,6 +153,9 @@ class _ConfigOnlyCLI(LimaCLI):
     def instantiate_classes(self) -> None:
         pass
 
+    def _set_seed(self) -> None:
+        pass  # reading a configuration must not seed this process's RNGs
+
     def after_instantiate_classes(self) -> None:
         pass
 
@@ -198,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
             importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])
         except UserError as e:
             fail(e)
+        except CheckFailed as e:
+            print(f"lima-lightning: check failed: {e}", file=sys.stderr)
+            sys.exit(1)
         return
     info_to_stdout()
     # args=None lets LightningCLI read sys.argv itself (passing both makes it warn).

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite; the run stops before the optimizer applies it."""
+
+
+class CheckFailed(Exception):
+    """A self-check of the product failed (not the user's doing): one line on stderr, exit status 1."""
