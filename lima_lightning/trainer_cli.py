@@ -197,13 +197,11 @@ def option_error(parser, message: str) -> str:
         parser = parsers.get(subcommand, parser)
     known = option_names(parser)
     dashes = "" if quoted else "--"  # a key of a config file, or an option of the command line
-    problems = []
-    for name in unknown:
-        near = nearest_option(name, known)
-        problems.append(f"unknown option {dashes}{name}" + (f"; did you mean {dashes}{near}?" if near else ""))
+    nearest = {name: nearest_option(name, known) for name in unknown}
+    suggestions = [f"{dashes}{near}" + (f" (for {dashes}{name})" if len(unknown) > 1 else "") for name, near in nearest.items() if near]
     where = f"`lima-lightning {subcommand} --help` lists the options" if subcommand else "`lima-lightning --help` lists the commands"
-    text = "; ".join(problems) if problems else " ".join(message.split())
-    return f"{subcommand + ': ' if subcommand else ''}{text} ({where})"
+    text = " ".join(message.split()) + (f"; did you mean {', '.join(suggestions)}?" if suggestions else "")
+    return f"{text} ({where})"
 
 
 class ParameterSummary(ModelSummary):
