@@ -169,18 +169,9 @@ def option_names(parser) -> list[str]:
 
 
 def nearest_option(name: str, known: list[str]) -> str | None:
-    """The valid option closest to a mistyped one: `model.lora_rr` -> `model.lora_r`, `data.batchsize` -> `data.batch_size`.
-
-    Compared within the same group first (`model.`, `data.`, ...), so a typo in a short name is not matched to
-    another group's option; then among all options (a typo in the group name itself: `modell.lora_r`).
-    """
-    group = name.rsplit(".", 1)[0] + "." if "." in name else ""
-    same_group = [k for k in known if group and k.startswith(group)]
-    for candidates in (same_group, known):
-        found = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-        if found:
-            return found[0]
-    return None
+    """The valid option closest to a mistyped one: `model.lora_rr` -> `model.lora_r`, `data.batchsize` -> `data.batch_size`."""
+    found = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 def option_error(parser, message: str) -> str:

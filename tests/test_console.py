@@ -213,3 +213,14 @@ def test_demo_summary_lines():
     lines = summary_lines(rows)
     assert lines[0].endswith("-> '3'  (right)") and lines[1].endswith("-> 'ab'  (wrong, expected 'ba')")
     assert lines[-1] == "exact match: 1/2 held-out prompts (50%); 1 stopped at EOS"
+
+
+def test_make_demo_predicts_with_the_newest_adapter_and_ends_with_the_answers():
+    recipe = subprocess.run(["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    steps = [line for line in recipe.splitlines() if "lima-lightning" in line or "lima_lightning" in line]
+    assert "lima-lightning fit --config configs/demo.yaml" in steps[0]
+    assert (
+        "python -m lima_lightning.runs latest-adapter runs/demo" in steps[1]
+        and "lima-lightning predict --config configs/demo.yaml" in recipe
+    )
+    assert steps[-1].endswith("python -m lima_lightning.commands.demo_summary runs/demo")

@@ -87,8 +87,9 @@ def test_fit_help_full_is_lightnings_whole_text(capsys, full):
     assert "--trainer.enable_autolog_hparams" in text and "--model.lora_r" in text and len(text.splitlines()) > 500
 
 
-def test_subcommand_help_uses_the_commands_table_line(capsys):
-    text = help_text(capsys, "test", "--help")
+@pytest.mark.parametrize("full", [[], ["--help=full"]])
+def test_subcommand_help_uses_the_commands_table_line(capsys, full):
+    text = help_text(capsys, "test", *(full or ["--help"]))
     assert COMMANDS["test"][1] in text and "validation split" in COMMANDS["test"][1]
 
 
