@@ -35,7 +35,7 @@ NOISE = {
     "any Python warning": r"\b\w*Warning\b|warnings\.warn\(",
     "a traceback": r"Traceback",
 }
-FIT = ["fit", "--config", "configs/demo.yaml", "--data.synthetic_size", "60", "--trainer.max_epochs", "1"]
+FIT = ["fit", "--config", "configs/demo.yaml", "--data.synthetic_size", "60", "--trainer.max_epochs", "1", "--samples.max_new_tokens", "8"]
 
 
 def run(args: list[str], cwd: Path = REPO) -> tuple[int, list[str]]:
