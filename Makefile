@@ -7,7 +7,6 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 CONFIG ?= configs/llama2-7b-qlora.yaml
 ADAPTER ?= $(shell ls -td runs/*/lightning_logs/version_*/adapters/final 2>/dev/null | head -1)
-LATEST_DEMO_ADAPTER = $$(ls -td runs/demo/lightning_logs/version_*/adapters/final | head -1)
 
 .PHONY: help install install-dev test test-gpu demo fit-qlora fit-lora predict tensorboard bench bench-generate bench-ddp lint clean
 
@@ -34,9 +33,11 @@ test: $(BIN)/.installed-dev ## run the CPU test suite
 test-gpu: $(BIN)/.installed-dev ## GPU checks as tests (tests/test_gpu.py, skipped without CUDA; LIMA_GPU_MODEL=DIR: 7B shape; offline GPU: benchmarks/gpu_test.sh)
 	$(BIN)/python -m pytest -m gpu
 
-demo: $(BIN)/.installed ## fit the tiny model on the synthetic set on CPU (~30 s), then predict
+demo: $(BIN)/.installed ## fit the tiny model on the synthetic set (CPU), predict held-out prompts, show answers and exact match
 	$(BIN)/lima-lightning fit --config configs/demo.yaml
-	$(BIN)/lima-lightning predict --config configs/demo.yaml --model.adapter_path "$(LATEST_DEMO_ADAPTER)"
+	adapter="$$($(BIN)/python -m lima_lightning.runs latest-adapter runs/demo)" && \
+	  $(BIN)/lima-lightning predict --config configs/demo.yaml --model.adapter_path "$$adapter"
+	@$(BIN)/python -m lima_lightning.commands.demo_summary runs/demo
 	@echo "view the run: make tensorboard   (runs/demo/lightning_logs)"
 
 fit-qlora: $(BIN)/.installed ## QLoRA on Llama-2-7B + LIMA (GPU, HF_TOKEN set)

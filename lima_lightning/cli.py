@@ -1,122 +1,63 @@
-"""`lima-lightning fit|validate|test|predict`: LightningCLI over the module and the data module.
+"""`lima-lightning COMMAND`: the front door. Every command is a row of `COMMANDS`.
 
-Commands that need no Trainer (`stats`, `report`, `export`, `inspect`) are registered in `TOOL_COMMANDS`; each
-module there exposes `main(argv: list[str]) -> None`.
+A row is either `LIGHTNING` (fit, validate, test, predict: LightningCLI over the module and the data module, in
+`lima_lightning.trainer_cli`) or a module exposing `main(argv: list[str]) -> None` (a command that needs no
+Trainer). `lima-lightning --help` is printed from this table before anything heavy is imported, so it is instant;
+add a command by adding a row.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
-import os
 import sys
 
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
-
-from lima_lightning.callbacks import PredictionWriter, SampleGenerations, SaveAdapters, ValidationWriter
-from lima_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, check_resume_config, load_checkpoint_file, resolve_resume
-from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.errors import CheckFailed, UserError
-from lima_lightning.generation import RENAMED_OPTIONS
-from lima_lightning.memory import request_budget
-from lima_lightning.module import LIMALoRAModule
-from lima_lightning.phases import PHASES, PhaseReport
-from lima_lightning.progress import GenerationProgress
 
-# Commands that need no Trainer: name -> module exposing `main(argv)`.
-TOOL_COMMANDS: dict[str, str] = {
-    "stats": "lima_lightning.commands.stats",
-    "report": "lima_lightning.report",
-    "export": "lima_lightning.commands.export",
-    "inspect": "lima_lightning.commands.inspect",
-    "plan": "lima_lightning.commands.plan",
-    "chat": "lima_lightning.commands.chat",
+LIGHTNING = "lightning"  # the target of a Trainer subcommand
+
+# name -> (LIGHTNING or the module whose `main(argv)` runs it, one line for `lima-lightning --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": (LIGHTNING, "train a LoRA adapter (QLoRA: on an NF4 base) and save it in the run dir"),
+    "validate": (LIGHTNING, "score a model on the held-out validation split: val/loss, validation.jsonl"),
+    "test": (LIGHTNING, "the same held-out validation split as validate, logged as test/loss"),
+    "predict": (LIGHTNING, "answer prompts (LIMA's 300 test prompts by default) into predictions.jsonl"),
+    "report": ("lima_lightning.report", "compare runs: answer lengths, EOS, loops, losses, every answer side by side"),
+    "export": ("lima_lightning.commands.export", "merge an adapter into its base, checked: a transformers model or a GGUF file"),
+    "stats": ("lima_lightning.commands.stats", "count truncated, dropped and trained tokens of a dataset (tokenizer only)"),
+    "inspect": ("lima_lightning.commands.inspect", "show rows as fit trains them, trained tokens highlighted (tokenizer only)"),
+    "chat": ("lima_lightning.commands.chat", "talk to the base model or an adapter in the terminal, as predict prompts it"),
+    "plan": ("lima_lightning.commands.plan", "predict a fit's peak GPU memory, checkpointing and speed from its config alone"),
 }
+# Commands that need no Trainer: name -> module exposing `main(argv)`.
+TOOL_COMMANDS: dict[str, str] = {name: target for name, (target, _) in COMMANDS.items() if target != LIGHTNING}
+HELP_FLAGS = ("-h", "--help")
 
 
-class OneLineErrorParser(LightningArgumentParser):
-    """A bad option is one line on stderr, like every other user mistake, not the 90-line usage first."""
+def render_help() -> str:
+    """`lima-lightning --help`: the product, every command in one line, where to start."""
+    from lima_lightning import __version__
 
-    def error(self, message: str, ex: Exception | None = None):
-        # jsonargparse raises instead of exiting while it tries alternatives (exit_on_error off): keep that.
-        if not self.exit_on_error or callable(getattr(self, "_error_handler", None)):
-            return super().error(message, ex)
-        subcommand = self.prog.split()[-1] if self.prog.endswith(("fit", "validate", "test", "predict")) else ""
-        fail(
-            UserError(
-                renamed_option_hint(message)
-                or f"{' '.join(message.split())} (`lima-lightning {subcommand} --help` lists the options)".replace("  ", " ")
-            )
-        )
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {line}" for name, (_, line) in COMMANDS.items())
+    return f"""\
+lima-lightning {__version__}: instruction-tune Llama-2 on LIMA with QLoRA or LoRA (PyTorch Lightning)
 
+usage: lima-lightning COMMAND [--config FILE ...] [--OPTION VALUE ...]
+       lima-lightning COMMAND --help      the options of COMMAND
 
-class LimaCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        # Configure each value once: the tokenizer is the base model's.
-        parser.link_arguments("model.base_model", "data.tokenizer")
-        # Always-on callbacks, each configurable under its own key (--adapters.*, --samples.*, --predictions.*).
-        parser.add_lightning_class_args(SaveAdapters, "adapters")
-        parser.add_lightning_class_args(SampleGenerations, "samples")
-        parser.add_lightning_class_args(PredictionWriter, "predictions")
-        parser.add_lightning_class_args(ValidationWriter, "validation_rows")
-        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
-        parser.add_argument(
-            "--gpu_memory_gib",
-            type=float | None,
-            default=None,
-            help="GPU memory this run may use, in GiB (default: the whole device), enforced per process: a run that "
-            "needs more fails as it would on a smaller card. Checkpointing, generation chunks and merging plan against it.",
-        )
+commands:
+{rows}
 
-    def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
-        # Atomic checkpoint writes and weights_only reads, unless a plugin chose another CheckpointIO.
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        trainer.callbacks.append(PhaseReport())  # the time from the command to its result, per phase
-        trainer.callbacks.append(GenerationProgress())  # predict: prompts and tokens, not batches
-        return trainer
-
-    def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
-        self._resume_in: tuple[int, int] | None = None  # (run dir version, checkpoint step) when continuing a run
-        subcommand = self.config.get("subcommand")
-        config = self.config.get(subcommand) if subcommand else None
-        if not config or not config.get("ckpt_path"):
-            return
-        # Before LightningCLI reads the checkpoint's model hparams into this config (which would silently replace
-        # a different base model or LoRA shape): `last` becomes a file, and the file is checked here, loaded
-        # weights-only, so a missing, truncated or code-carrying checkpoint is a one-line error.
-        root = config.trainer.get("default_root_dir") or os.getcwd()
-        config.ckpt_path, version = resolve_resume(config.ckpt_path, root)
-        if config.ckpt_path:
-            checkpoint = load_checkpoint_file(config.ckpt_path, mmap=True)
-            check_resume_config(checkpoint.get("hyper_parameters", {}), config.model, config.ckpt_path)
-            rank_zero_info(f"--ckpt_path: {config.ckpt_path} (epoch {checkpoint['epoch']}, step {checkpoint['global_step']})")
-            if version is not None and subcommand == "fit":
-                self._resume_in = (version, int(checkpoint["global_step"]))
-
-    def before_instantiate_classes(self) -> None:
-        PHASES.mark_startup()
-        subcommand = self.config.get("subcommand")
-        config = self.config.get(subcommand) if subcommand else self.config
-        request_budget(config.get("gpu_memory_gib"))
-
-    def before_fit(self) -> None:
-        # Continue the run in its own run dir; TensorBoard drops what the killed process logged after the
-        # checkpoint (purge_step), since the resumed run logs those steps again.
-        logger = self.trainer.logger
-        if self._resume_in is not None and type(logger) is TensorBoardLogger:
-            version, step = self._resume_in
-            self.trainer.logger = TensorBoardLogger(logger.save_dir, name=logger.name, version=version, purge_step=step)
+Start on a CPU, with nothing downloaded: lima-lightning fit --config configs/demo.yaml
+Options come from YAML files (--config, several layer in order) and the command line (--model.lora_r 16);
+`fit --print_config` shows the final configuration without loading anything."""
 
 
 def renamed_option_hint(message: str) -> str | None:
     """One line naming the new key when `message` is jsonargparse refusing a generation option of before 0.2."""
     import re
+
+    from lima_lightning.generation import RENAMED_OPTIONS
 
     for old, new in RENAMED_OPTIONS.items():
         # `--model.max_new_tokens 5` on the command line, or `model: {max_new_tokens: 5}` in a config file.
@@ -131,33 +72,23 @@ def fail(error: UserError) -> None:
     sys.exit(2)
 
 
-def cli_main(args: list[str] | None = None) -> LimaCLI:
-    """Run a Lightning subcommand; tests call it with `args` and inspect the returned CLI (its trainer, model)."""
+def cli_main(args: list[str] | None = None):
+    """Run a Lightning subcommand; tests call it with `args` and inspect the returned CLI (its trainer, model).
+
+    `--help` is the short help (the project's options first); `--help=full` (or `--help full`) is LightningCLI's.
+    """
+    from lima_lightning import console
+
+    args = sys.argv[1:] if args is None else list(args)
+    console.setup()
+    from lima_lightning import trainer_cli
+
+    console.after_lightning_import()
+    console.choose_matmul_precision()
     try:
-        return LimaCLI(
-            LIMALoRAModule,
-            LIMADataModule,
-            args=args,
-            parser_class=OneLineErrorParser,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"default_env": False},
-        )
+        return trainer_cli.run(args)
     except UserError as e:
         fail(e)
-
-
-class _ConfigOnlyCLI(LimaCLI):
-    """Parses fit's arguments (configs, overrides, defaults, links) and instantiates nothing."""
-
-    def instantiate_classes(self) -> None:
-        pass
-
-    def _set_seed(self) -> None:
-        pass  # reading a configuration must not seed this process's RNGs
-
-    def after_instantiate_classes(self) -> None:
-        pass
 
 
 def parse_fit_config(args: list[str]):
@@ -166,45 +97,46 @@ def parse_fit_config(args: list[str]):
     For commands that take fit's arguments but load no weights (e.g. `inspect`, `plan`): `config.model`,
     `config.data` and `config.trainer` are namespaces of plain values; `LIMADataModule(**config.data)` is cheap.
     """
-    import warnings
+    from lima_lightning import trainer_cli
 
     try:
-        with warnings.catch_warnings():  # `args` is what this command was given, on purpose
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            return _ConfigOnlyCLI(
-                LIMALoRAModule,
-                LIMADataModule,
-                args=args,
-                run=False,
-                parser_class=OneLineErrorParser,
-                auto_configure_optimizers=False,
-                parser_kwargs={"default_env": False},
-            ).config
+        return trainer_cli.parse_fit_config(args)
     except UserError as e:
         fail(e)
 
 
-def info_to_stdout() -> None:
-    """Lightning's progress messages go to stdout, so stderr carries only warnings and errors."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        for handler in logging.getLogger(name).handlers:
-            if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
-                handler.setStream(sys.stdout)
+def __getattr__(name: str):
+    # The LightningCLI classes live in trainer_cli (importing Lightning takes seconds); `from lima_lightning.cli
+    # import LimaCLI` still works, and imports it only then.
+    if name in ("LimaCLI", "OneLineErrorParser"):
+        from lima_lightning import trainer_cli
+
+        return getattr(trainer_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console script `lima-lightning` (returns None, so the exit status is 0 on success)."""
-    from_command_line = argv is None
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in TOOL_COMMANDS:
-        try:
-            importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])
-        except UserError as e:
-            fail(e)
-        except CheckFailed as e:
-            print(f"lima-lightning: check failed: {e}", file=sys.stderr)
-            sys.exit(1)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in HELP_FLAGS:
+        print(render_help())
         return
-    info_to_stdout()
-    # args=None lets LightningCLI read sys.argv itself (passing both makes it warn).
-    cli_main(None if from_command_line else argv)
+    if argv[0] in ("-V", "--version"):
+        from lima_lightning import __version__
+
+        print(f"lima-lightning {__version__}")
+        return
+    target = COMMANDS.get(argv[0], (LIGHTNING, ""))[0]  # not a command: LightningCLI names the valid ones
+    if target == LIGHTNING:
+        cli_main(argv)
+        return
+    from lima_lightning import console
+
+    console.setup()
+    try:
+        importlib.import_module(target).main(argv[1:])
+    except UserError as e:
+        fail(e)
+    except CheckFailed as e:
+        print(f"lima-lightning: check failed: {e}", file=sys.stderr)
+        sys.exit(1)
