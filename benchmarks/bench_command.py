@@ -6,7 +6,8 @@
 Each run is one `lima-lightning` process started from scratch (`python -m lima_lightning ...`), so its wall time is
 what a user waits: imports, data, loading and quantizing, the memory probe, compiling, training, validation and
 samples, checkpoints, saving. RUN@GIB runs it under `--gpu_memory_gib GIB` (an H200 standing in for a smaller
-card); full 3-epoch fits unless `--max-steps` says otherwise. Per run it records the wall time, the phase split
+card); RUN@GIB:STEPS stops that fit after STEPS optimizer steps; full 3-epoch fits unless that or `--max-steps` says
+otherwise. Per run it records the wall time, the phase split
 the command writes (`phases.json`), steady-state tokens/s (the median of `train/tokens_per_sec` after the first
 `--skip-steps` optimizer steps), the peak memory (`train/peak_memory_gib`), the checkpointing plan it logged, the
 last losses, and for predict the generation time, prompts and tokens. Rows are written to --out after every run.
@@ -47,7 +48,7 @@ def newest_run_dir(root: Path) -> Path | None:
     return runs[-1] if runs else None
 
 
-def command(run: str, budget: float, args, adapters: dict[str, str], root: Path) -> list[str]:
+def command(run: str, budget: float, steps: int, args, adapters: dict[str, str], root: Path) -> list[str]:
     method = run.removeprefix("predict-")
     config = REPO / "configs" / FIT_CONFIGS[method]
     common = ["--config", str(config), "--model.base_model", args.model, "--trainer.default_root_dir", str(root)]
@@ -56,8 +57,8 @@ def command(run: str, budget: float, args, adapters: dict[str, str], root: Path)
         adapter = ["--model.adapter_path", adapters[method]] if method in adapters else []
         prompts = ["--data.predict_dataset", f"{args.lima}/test.jsonl"]
         return ["predict", *common, "--config", str(REPO / "configs/predict.yaml"), *prompts, *adapter, *args.extra.split()]
-    steps = ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
-    return ["fit", *common, "--data.dataset", f"{args.lima}/train.jsonl", *steps, *args.extra.split()]
+    stop = ["--trainer.max_steps", str(steps)] if steps else []
+    return ["fit", *common, "--data.dataset", f"{args.lima}/train.jsonl", *stop, *args.extra.split()]
 
 
 def summarize(run: str, budget: float, run_dir: Path | None, output: str, wall: float, status: int, args) -> dict:
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a local Llama-2-7B-shaped model directory")
     parser.add_argument("--lima", required=True, help="a directory holding LIMA's train.jsonl and test.jsonl")
-    parser.add_argument("--runs", required=True, help="comma-separated RUN@GIB, e.g. qlora@141,qlora@24,predict-qlora@24")
+    parser.add_argument("--runs", required=True, help="comma-separated RUN@GIB[:STEPS], e.g. qlora@141,qlora@24:10,predict-qlora@24")
     parser.add_argument("--out", required=True, help="JSON file for the rows (rewritten after every run)")
     parser.add_argument("--root", default="/tmp/bench_command", help="where the runs' directories go")
     parser.add_argument("--max-steps", type=int, default=0, help="stop each fit after this many optimizer steps (0: all epochs)")
@@ -108,10 +109,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     adapters: dict[str, str] = {}
     for spec in args.runs.split(","):
-        run, _, gib = spec.partition("@")
+        run, _, rest = spec.partition("@")
+        gib, _, steps = rest.partition(":")
         budget = float(gib or 141)
-        root = Path(args.root) / f"{run}-{gib or 'full'}"
-        cli = [sys.executable, "-m", "lima_lightning", *command(run, budget, args, adapters, root)]
+        root = Path(args.root) / spec.replace("@", "-").replace(":", "-")
+        cli = [sys.executable, "-m", "lima_lightning", *command(run, budget, int(steps or args.max_steps), args, adapters, root)]
         print(f"== {spec}: {' '.join(cli[2:])}", flush=True)
         started = time.perf_counter()
         try:

@@ -163,8 +163,6 @@ class LIMALoRAModule(L.LightningModule):
         self.model.train(training)
 
     def setup(self, stage: str) -> None:
-        # Before anything is loaded onto this rank's device: --gpu_memory_gib caps what this process may allocate.
-        apply_budget(self.trainer.strategy.root_device)
         precision = str(self.trainer.precision)
         if precision.startswith("16"):
             raise UserError(
@@ -176,6 +174,8 @@ class LIMALoRAModule(L.LightningModule):
                 "trainer.strategy=fsdp: predict generates token by token with whole weights on each device; "
                 "use --trainer.strategy=ddp (each GPU answers its share of the prompts) or one device"
             )
+        # Before anything is loaded onto this rank's device: --gpu_memory_gib caps what this process may allocate.
+        apply_budget(self.trainer.strategy.root_device)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

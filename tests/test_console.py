@@ -72,7 +72,7 @@ def test_demo_fit_prints_no_known_noise_and_keeps_what_is_useful(demo_fit):
 @pytest.mark.slow
 def test_demo_fit_ends_with_losses_the_adapter_and_the_exact_predict_command(demo_fit):
     root, lines = demo_fit
-    fit, adapter, predict = lines[-3:]
+    fit, adapter, predict, chat = lines[-4:]
     assert re.fullmatch(r"fit: train/loss \d+\.\d{3} \(last step\), val/loss \d+\.\d{3} \(last validation\); 1 epoch, 4 steps", fit)
     adapter_dir = root / "lightning_logs/version_0/adapters/final"
     assert adapter == f"adapter: {adapter_dir}" and (adapter_dir / "adapter_model.safetensors").is_file()
@@ -80,6 +80,7 @@ def test_demo_fit_ends_with_losses_the_adapter_and_the_exact_predict_command(dem
     expected = ["lima-lightning", "predict", "--config", "configs/demo.yaml", "--data.synthetic_size", "60"]
     expected += ["--trainer.default_root_dir", str(root), "--model.adapter_path", str(adapter_dir)]
     assert shlex.split(predict.removeprefix("next: ")) == expected, predict
+    assert shlex.split(chat.removeprefix("next: ")) == ["lima-lightning", "chat", *expected[2:]], chat
     # ... and it runs as printed, as quietly, and `make demo`'s summary scores its answers.
     status, out = run(shlex.split(predict.removeprefix("next: "))[1:])
     assert status == 0, "\n".join(out)
@@ -105,7 +106,7 @@ def test_nf4_demo_fit_is_as_quiet_and_sizes_the_packed_weights(tmp_path):
         summary
     )
     assert int(re.search(r"weights (\d+) KB", summary).group(1)) < 400
-    assert lines[-1].startswith("next: lima-lightning predict --config configs/demo.yaml") and "--model.quantization nf4" in lines[-1]
+    assert lines[-2].startswith("next: lima-lightning predict --config configs/demo.yaml") and "--model.quantization nf4" in lines[-2]
 
 
 # ----------------------------------------------------------------------------- the pieces

@@ -417,7 +417,7 @@ def test_fsdp_refuses_predict_in_one_line(tiny_dir):
     from lima_lightning.module import LIMALoRAModule
 
     module = LIMALoRAModule(base_model=str(tiny_dir), quantization="none")
-    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision="bf16-mixed")
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(parallel_devices=[torch.device("cpu")]), precision="bf16-mixed")
     with pytest.raises(UserError, match="strategy=ddp"):
         module.setup("predict")
     module.setup("fit")  # training is what FSDP is for

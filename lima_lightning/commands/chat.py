@@ -183,6 +183,7 @@ def load_module(model_options: dict, device):
     levels = {name: logger.level for name, logger in quieted.items()}
     for logger in quieted.values():
         logger.setLevel(logging.ERROR)
+    bars_were_on = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
@@ -202,7 +203,8 @@ def load_module(model_options: dict, device):
     finally:
         for name, logger in quieted.items():
             logger.setLevel(levels[name])
-        transformers_logging.enable_progress_bar()
+        if bars_were_on:  # off already when stderr is not a terminal (console.setup)
+            transformers_logging.enable_progress_bar()
     module.model.eval()
     return module.to(device)
 
