@@ -27,8 +27,9 @@ install: $(BIN)/.installed ## create .venv and install lima-lightning (TORCH=...
 
 install-dev: $(BIN)/.installed-dev ## install with the dev extras (pytest, ruff)
 
-test: $(BIN)/.installed-dev ## run the CPU test suite
-	$(BIN)/python -m pytest -m "not gpu"
+test: $(BIN)/.installed-dev ## run the CPU test suite, one worker per core (~3 min on 2 cores)
+	# One thread per worker: the tiny test models wait on thread hand-offs more than they compute.
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not gpu" -n auto
 
 test-gpu: $(BIN)/.installed-dev ## GPU checks as tests (tests/test_gpu.py, skipped without CUDA; LIMA_GPU_MODEL=DIR: 7B shape; offline GPU: benchmarks/gpu_test.sh)
 	$(BIN)/python -m pytest -m gpu

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, needs_lima
+from tests.conftest import LIMA_TRAIN, REPO, needs_lima
 
 CPU = "--trainer.accelerator cpu --trainer.precision 32-true --model.quantization none --model.compile false --data.max_seq_length 256"
 CPU += " --data.max_tokens_per_batch 512 --trainer.max_epochs 1 --samples.num_prompts 1 --samples.max_new_tokens 4"
@@ -19,7 +19,7 @@ CPU += " --model.generation.max_new_tokens 4 --trainer.limit_val_batches 2 --tra
 @pytest.mark.slow
 def test_fit_then_predict_rows(tmp_path):
     out = tmp_path / "rows.json"
-    command = [sys.executable, str(REPO / "benchmarks/bench_command.py"), "--model", "tiny", "--lima", str(REPO.parent / "shared/lima")]
+    command = [sys.executable, str(REPO / "benchmarks/bench_command.py"), "--model", "tiny", "--lima", str(LIMA_TRAIN.parent)]
     command += ["--runs", "qlora@24,predict-qlora@24", "--out", str(out), "--root", str(tmp_path / "runs"), "--max-steps", "3"]
     command += ["--skip-steps", "1", "--extra", CPU + " --data.predict_batch_size 16 --trainer.limit_predict_batches 1"]
     subprocess.run(command, cwd=REPO, check=True, timeout=600, capture_output=True)
