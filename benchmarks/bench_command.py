@@ -76,7 +76,7 @@ def summarize(run: str, budget: float, run_dir: Path | None, output: str, wall: 
     if run.startswith("predict-"):
         predictions = run_dir / "predictions.jsonl"
         if predictions.is_file():
-            rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+            rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").split("\n") if line.strip()]
             row.update(prompts=len(rows), new_tokens=sum(r["new_tokens"] for r in rows), eos=sum(r["finish_reason"] == "eos" for r in rows))
         return row
     speeds = [v for step, v in scalars(run_dir, "train/tokens_per_sec") if step >= args.skip_steps]

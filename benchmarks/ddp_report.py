@@ -127,7 +127,7 @@ def fit(args) -> int:
 
 def predict(args) -> int:
     path = run_dir(args.run)
-    rows = [json.loads(line) for line in (path / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (path / "predictions.jsonl").read_text(encoding="utf-8").split("\n") if line.strip()]
     ids = [r["id"] for r in rows]
     problems = []
     if len(ids) != len(set(ids)):

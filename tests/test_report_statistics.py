@@ -143,3 +143,13 @@ def test_length_histogram_data_is_words_of_responses_and_references_per_run():
     assert [(p.color, p.name) for p in panels] == [(0, "base"), (2, "qlora")]
     assert panels[0].responses == [1, 3] and panels[0].references == [1]  # words in id order, not new_tokens
     assert panels[1].responses == [2, 1] and panels[1].references == [1]
+
+
+def test_rows_with_unicode_line_separators_in_their_text_read_as_one_line_each(tmp_path):
+    """json.dumps(ensure_ascii=False) keeps U+2028 and U+0085 as they are; only "\\n" ends a JSONL line."""
+    from lima_lightning.report.reading import read_predictions
+
+    path = tmp_path / "predictions.jsonl"
+    rows = [{"id": i, "prompt": "p", "response": f"a\u2028b\x85c{i}", "finish_reason": "length", "new_tokens": 3} for i in range(2)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert [r["response"] for r in read_predictions(path).values()] == ["a\u2028b\x85c0", "a\u2028b\x85c1"]

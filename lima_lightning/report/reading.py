@@ -78,7 +78,7 @@ def read_rows(path: Path, what: str, fields: dict[str, Check]) -> Iterator[tuple
         if what != "validation"
         else ("expected JSON with id (int), where (file:line), nll (nats), tokens (int), as `lima-lightning validate` writes")
     )
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:
