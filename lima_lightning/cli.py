@@ -16,13 +16,22 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from lima_lightning import failures
 from lima_lightning.callbacks import PredictionWriter, SampleGenerations, SaveAdapters, ValidationWriter
-from lima_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, check_resume_config, load_checkpoint_file, resolve_resume
+from lima_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    ResumableCheckpoint,
+    check_not_finished,
+    check_resume_config,
+    load_checkpoint_file,
+    resolve_resume,
+)
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.errors import UserError
 from lima_lightning.generation import RENAMED_OPTIONS
 from lima_lightning.module import LIMALoRAModule
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Commands that need no Trainer: name -> module exposing `main(argv)`.
 TOOL_COMMANDS: dict[str, str] = {
     "stats": "lima_lightning.commands.stats",
@@ -60,7 +69,10 @@ class LimaCLI(LightningCLI):
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
 
     def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
+        # Lightning's refusals of the Trainer options (no GPU for a GPU config, ...) are one line (failures.py).
+        with failures.trainer_config_errors(self._get(self.config, "trainer", {}).get("accelerator")):
+            trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(failures.TidyFailedRun())  # a run that fails before training leaves no run dir
         # Atomic checkpoint writes and weights_only reads, unless a plugin chose another CheckpointIO.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -82,6 +94,8 @@ class LimaCLI(LightningCLI):
             checkpoint = load_checkpoint_file(config.ckpt_path, mmap=True)
             check_resume_config(checkpoint.get("hyper_parameters", {}), config.model, config.ckpt_path)
             rank_zero_info(f"--ckpt_path: {config.ckpt_path} (epoch {checkpoint['epoch']}, step {checkpoint['global_step']})")
+            if subcommand == "fit":
+                check_not_finished(checkpoint, config.trainer, config.ckpt_path)  # RunFinished: one line, exit 0
             if version is not None and subcommand == "fit":
                 self._resume_in = (version, int(checkpoint["global_step"]))
 
@@ -92,6 +106,7 @@ class LimaCLI(LightningCLI):
         if self._resume_in is not None and type(logger) is TensorBoardLogger:
             version, step = self._resume_in
             self.trainer.logger = TensorBoardLogger(logger.save_dir, name=logger.name, version=version, purge_step=step)
+        self.trainer.lima_resumed_run = self._resume_in is not None  # failures.TidyFailedRun never removes its dir
 
 
 def renamed_option_hint(message: str) -> str | None:
@@ -106,9 +121,9 @@ def renamed_option_hint(message: str) -> str | None:
 
 
 def fail(error: UserError) -> None:
-    """A user's mistake: one line on stderr, exit status 2, no traceback."""
+    """A user's mistake: one line on stderr, exit status 2 (1 for `Unavailable`), no traceback."""
     print(f"lima-lightning: error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(error.exit_status)
 
 
 def cli_main(args: list[str] | None = None) -> LimaCLI:
@@ -123,8 +138,9 @@ def cli_main(args: list[str] | None = None) -> LimaCLI:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"default_env": False},
         )
-    except UserError as e:
-        fail(e)
+    except BaseException as e:
+        failures.exit_for(e, failures.cli_argv(args))  # one line and exit, for anything a user can cause or meet
+        raise  # a bug: its traceback
 
 
 class _ConfigOnlyCLI(LimaCLI):
@@ -169,12 +185,19 @@ def main(argv: list[str] | None = None) -> None:
     """Console script `lima-lightning` (returns None, so the exit status is 0 on success)."""
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    # --- failures: an unknown subcommand, and what the tool commands meet (failures.py) ---
+    known = [*LIGHTNING_COMMANDS, *TOOL_COMMANDS]
+    if argv and not argv[0].startswith("-") and argv[0] not in known:
+        print(failures.unknown_command_line(argv[0], known), file=sys.stderr)
+        sys.exit(2)
     if argv and argv[0] in TOOL_COMMANDS:
         try:
             importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])
-        except UserError as e:
-            fail(e)
+        except BaseException as e:
+            failures.exit_for(e, argv)
+            raise
         return
+    # --- end failures ---
     info_to_stdout()
     # args=None lets LightningCLI read sys.argv itself (passing both makes it warn).
     cli_main(None if from_command_line else argv)
