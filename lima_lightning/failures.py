@@ -52,6 +52,9 @@ def describe(exc: BaseException, argv: list[str]) -> tuple[str, int] | None:
         return preempted_line(exc, argv), 128 + exc.signum
     if isinstance(exc, WriteError):
         return f"{PROG}: error: {write_error_line(exc, argv)}", 1
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS and exc.filename:  # a write by Lightning or another library
+        line = write_error_line(WriteError(exc.errno, Path(exc.filename), None), argv, verb="access")
+        return f"{PROG}: error: {line}", 1
     if _is_cuda_oom(exc):
         line = getattr(exc, "lima_line", None) or oom_line(exc)
         return f"{PROG}: error: {line}", 1
@@ -80,11 +83,11 @@ def command_of(argv: list[str]) -> str:
     return argv[0] if argv and not argv[0].startswith("-") else ""
 
 
-def write_error_line(e: WriteError, argv: list[str]) -> str:
+def write_error_line(e: WriteError, argv: list[str], verb: str = "write") -> str:
     code = errno.errorcode.get(e.errno, str(e.errno))
     what = WRITE_ERRORS.get(e.errno, e.strerror)
     name = Path(e.filename).name
-    kept = f"the previous {name} is intact" if e.existed else "nothing was left half-written"
+    kept = {True: f"the previous {name} is intact; ", False: "nothing was left half-written; ", None: ""}[e.existed]
     elsewhere = "--out" if command_of(argv) in ("export", "report") else "--trainer.default_root_dir"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         fix = f"free some space, or write elsewhere with {elsewhere}"
@@ -92,7 +95,7 @@ def write_error_line(e: WriteError, argv: list[str]) -> str:
         fix = f"write elsewhere with {elsewhere}, or make {Path(e.filename).parent} writable"
     else:
         fix = f"check the disk, or write elsewhere with {elsewhere}"
-    return f"cannot write {e.filename}: {what} ({code}); {kept}; {fix}"
+    return f"cannot {verb} {e.filename}: {what} ({code}); {kept}{fix}"
 
 
 # ----------------------------------------------------------------------------- subcommands

@@ -24,10 +24,10 @@ from typing import BinaryIO
 class WriteError(OSError):
     """Writing `filename` failed (ENOSPC, EACCES, EROFS, ...); whatever was there before is intact.
 
-    `existed`: whether a previous version of the target was there (and so is still there, whole).
+    `existed`: whether a previous version of the target was there (and so is still there, whole); None: unknown.
     """
 
-    def __init__(self, code: int, target: Path, existed: bool) -> None:
+    def __init__(self, code: int, target: Path, existed: bool | None) -> None:
         super().__init__(code, os.strerror(code), str(target))
         self.existed = existed
 
@@ -74,6 +74,15 @@ def current_umask() -> int:
     return mask
 
 
+def open_to_umask(directory: Path) -> None:
+    """Give `directory` and everything in it the modes a plain mkdir/open would: mkdtemp makes 0700 and
+    safetensors writes 0600, so colleagues on a shared filesystem could not read an adapter, export or report."""
+    mask = current_umask()
+    for path in [directory, *directory.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_dir)`, then swap `tmp_dir` into place; a crash leaves only a dot-prefixed temporary."""
     target = Path(target)
@@ -82,7 +91,7 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             write(staging)
-            staging.chmod(0o777 & ~current_umask())  # mkdtemp made it 0700: colleagues could not read the result
+            open_to_umask(staging)
             if target.exists():
                 retired = target.with_name(f".{target.name}.old-{os.getpid()}")
                 target.rename(retired)
