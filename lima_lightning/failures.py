@@ -236,7 +236,8 @@ def preempted_line(e: Preempted, argv: list[str]) -> str:
     name = signal.Signals(e.signum).name
     if e.checkpoint is None:
         return f"{PROG}: interrupted by {name} at step {e.step}{e.note}; resume from the last checkpoint: {resume_command(argv)}"
-    return f"{PROG}: interrupted by {name} at step {e.step} (epoch {e.epoch}), {e.checkpoint} written; resume: {resume_command(argv)}"
+    written = f"{e.checkpoint} written{e.note}"
+    return f"{PROG}: interrupted by {name} at step {e.step} (epoch {e.epoch}), {written}; resume: {resume_command(argv)}"
 
 
 def cli_argv(args: list[str] | None) -> list[str]:
