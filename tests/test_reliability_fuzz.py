@@ -226,11 +226,15 @@ def data_files(draw) -> File:
     mixed = len(FORMATS) > 1 and draw(st.integers(0, 4)) == 0
     home = draw(st.sampled_from(FORMATS))
     n = draw(st.integers(1, 25))
-    rows = []
-    for _ in range(n):
-        fmt = draw(st.sampled_from(FORMATS)) if mixed else home
-        kind = draw(st.integers(0, 29))  # most rows valid, so that a file holds one or two corruptions
-        rows.append(draw(fmt.corrupt if kind == 0 else any_format_corrupt() if kind == 1 else fmt.valid))
+    formats = [draw(st.sampled_from(FORMATS)) if mixed else home for _ in range(n)]
+    rows = [draw(fmt.valid) for fmt in formats]
+    # Clean files, files with one bad row (where only that row may be named), and files with several.
+    mode = draw(st.sampled_from(["clean", "one bad row", "one bad row", "several"]))
+    chosen = [] if mode == "clean" else [draw(st.integers(0, n - 1))]
+    if mode == "several":
+        chosen += draw(st.lists(st.integers(0, n - 1), max_size=3))
+    for i in chosen:
+        rows[i] = draw(st.one_of(formats[i].corrupt, formats[i].corrupt, any_format_corrupt()))
     file = File(suffix, rows, mixed=mixed and len({r.format for r in rows if r.format}) > 1)
     texts = [json.dumps(r.value, ensure_ascii=draw(st.booleans())) for r in rows]
     if suffix == ".json":
@@ -297,7 +301,8 @@ def check(path: Path, file: File, counts: Counter) -> None:
     counts["bytes"] += len(file.data)
     counts["bad rows"] += len(file.bad_rows)
     counts.update(f"{r.bad}" for r in file.rows if r.bad)
-    counts[f"broken: {file.breakage}"] += bool(file.breakage)
+    if file.breakage:
+        counts[f"broken: {file.breakage}"] += 1
     try:
         loaded = reader.read_conversations(path)
     except UserError as e:
