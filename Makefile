@@ -31,7 +31,7 @@ install-dev: $(BIN)/.installed-dev ## install with the dev extras (pytest, ruff)
 test: $(BIN)/.installed-dev ## run the CPU test suite
 	$(BIN)/python -m pytest -m "not gpu"
 
-test-gpu: $(BIN)/.installed-dev ## run the GPU tests (needs CUDA)
+test-gpu: $(BIN)/.installed-dev ## GPU checks as tests (tests/test_gpu.py, skipped without CUDA; LIMA_GPU_MODEL=DIR: 7B shape; offline GPU: benchmarks/gpu_test.sh)
 	$(BIN)/python -m pytest -m gpu
 
 demo: $(BIN)/.installed ## fit the tiny model on the synthetic set on CPU (~30 s), then predict
@@ -51,7 +51,7 @@ predict: $(BIN)/.installed ## answer the LIMA test prompts: make predict CONFIG=
 tensorboard: $(BIN)/.installed ## serve TensorBoard on the runs/ folder
 	$(BIN)/tensorboard --logdir runs
 
-bench: $(BIN)/.installed ## training speed/memory vs the plain loop: BENCH_ARGS="--model DIR" (GPU; see benchmarks/gpu_bench.sh) or BENCH_ARGS=--smoke (CPU)
+bench: $(BIN)/.installed ## training speed/memory, configs/*.yaml vs the plain loop: BENCH_ARGS="--model DIR" (GPU; benchmarks/gpu_bench.sh) or BENCH_ARGS=--smoke (CPU)
 	$(BIN)/python benchmarks/bench_train.py $(BENCH_ARGS)
 
 bench-generate: $(BIN)/.installed ## predict speed vs plain generate: GEN_ARGS="--model DIR --prompts test.jsonl" (GPU) or GEN_ARGS=--smoke (CPU)

@@ -20,6 +20,8 @@ projection, as the QLoRA config trains):
                          --batches limits them; NF4 or bf16 base, with and without model.generation.merge,
                          static or dynamic KV cache, compiled decoding (see PREDICT_CONFIGS).
 
+The reference and the random adapter are in generate_reference.py.
+
 A random-weight model almost never emits EOS, so nearly every sequence runs to max_new_tokens: these are
 worst-case times (a fine-tuned model stops earlier, and a batch ends when its longest answer does).
 
@@ -31,7 +33,6 @@ reference. Results and the table are rewritten after every row (--out), so a run
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import platform
@@ -41,13 +42,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from generate_reference import Result, bench_reference, free, peak_memory, sync, write_random_adapter
+from measure import smoke_threads
 
-from lima_lightning.data.collate import pad_for_generation
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.data.sources import load_conversations
 from lima_lightning.data.tokenization import prompts_for_generation
-from lima_lightning.generation import GenerationSettings, describe_completion
-from lima_lightning.models.loading import LLAMA_PROJECTIONS, load_adapter, load_base_model, load_tokenizer, resolve_base_model
+from lima_lightning.generation import GenerationSettings
+from lima_lightning.models.loading import LLAMA_PROJECTIONS, load_tokenizer, resolve_base_model
 from lima_lightning.module import LIMALoRAModule
 
 SYNTHETIC_SIZE = 80  # --smoke: the synthetic predict set is a tenth of this, 8 prompts
@@ -69,131 +71,6 @@ PREDICT_CONFIGS = {  # run in this order: the product's defaults first, so a run
     "predict, bf16 base": PredictConfig("none", False),
     "predict, bf16 base, merge, compiled": PredictConfig("none", True, compile=True),  # last: compiled graphs stay cached
 }
-
-
-@dataclass
-class Result:
-    config: str
-    prompts_timed: int
-    generate_s: float  # wall time of the timed generation (model loading excluded)
-    new_tokens: int  # tokens generated in the timed part, EOS included
-    eos: int  # sequences of the timed part that stopped at EOS
-    estimated_all_s: float  # extrapolated wall time for every prompt
-    load_s: float  # loading (and merging) the model
-    peak_memory_gib: float | None
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.generate_s
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free(device: torch.device) -> None:
-    torch._dynamo.reset()  # compiled generation keeps its model (and CUDA graph pools) alive through dynamo's cache
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def write_random_adapter(model_dir: str, out: Path, r: int, alpha: int, seed: int) -> Path:
-    """A LoRA adapter in PEFT's format with random A *and* B (PEFT starts B at 0, which merges to nothing).
-
-    The base is built on the meta device: only the adapter's own tensors are ever allocated.
-    """
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        meta_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LLAMA_PROJECTIONS, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(meta_model, config)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for key, meta in get_peft_model_state_dict(peft_model).items():
-        fan_in = meta.shape[1]
-        std = 1 / math.sqrt(fan_in) if "lora_A" in key else 0.01
-        tensors[key] = torch.randn(meta.shape, generator=generator) * std
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "adapter_model.safetensors")
-    peft_model.peft_config["default"].base_model_name_or_path = model_dir
-    peft_model.peft_config["default"].save_pretrained(out)
-    return out
-
-
-def sampling(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-
-
-@torch.no_grad()
-def bench_reference(args, model_dir: str, adapter: Path, examples: list[dict], tokenizer, device) -> list[Result]:
-    """Plain transformers + PEFT on an NF4 base: one prompt at a time, then batched in input order."""
-    free(device)
-    started = time.perf_counter()
-    model = load_adapter(load_base_model(model_dir, "nf4", device), str(adapter), model_dir, trainable=False).eval()
-    model.config.use_cache = True
-    load_s = time.perf_counter() - started
-    kwargs = {**sampling(args), "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "use_cache": True}
-    # --reference_new_tokens < --max_new_tokens: each sequence is cut there and its time scaled up to the full
-    # limit. Decoding steps slow down as the cache grows, so the scaled time underestimates the reference.
-    kwargs["max_new_tokens"] = args.reference_new_tokens
-    scale = args.max_new_tokens / args.reference_new_tokens
-    results = []
-    warm_up = torch.tensor([examples[0]["input_ids"][:8]], device=device)  # CUDA context, kernels, allocator: outside the timings
-    model.generate(input_ids=warm_up, attention_mask=torch.ones_like(warm_up), **{**kwargs, "max_new_tokens": 2})
-
-    # Batch 1: an evenly spaced sample of prompts (short and long alike), extrapolated to all of them.
-    step = max(1, len(examples) // args.reference_prompts)
-    sample = examples[::step][: args.reference_prompts]
-    generate_s, new_tokens, eos = 0.0, 0, 0
-    for i, example in enumerate(sample):
-        torch.manual_seed(args.seed + i)
-        input_ids = torch.tensor([example["input_ids"]], device=device)
-        sync(device)
-        t = time.perf_counter()
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        sync(device)
-        generate_s += time.perf_counter() - t
-        completion = describe_completion(output[0, input_ids.shape[1] :].tolist(), tokenizer)
-        new_tokens += completion["new_tokens"]
-        eos += completion["finish_reason"] == "eos"
-    estimated = generate_s / len(sample) * len(examples) * scale
-    results.append(Result("reference, batch 1", len(sample), generate_s, new_tokens, eos, estimated, load_s, peak_memory(device)))
-    print(f"  {results[-1].config}: {generate_s:.1f} s for {len(sample)} prompts", flush=True)
-
-    # Batched, in input order, the first --batches batches.
-    generate_s, new_tokens, eos, timed = 0.0, 0, 0, 0
-    for b in range(args.reference_batches):
-        chunk = examples[b * args.reference_batch_size : (b + 1) * args.reference_batch_size]
-        if not chunk:
-            break
-        batch = pad_for_generation(chunk, tokenizer.pad_token_id)
-        torch.manual_seed(args.seed + b)
-        sync(device)
-        t = time.perf_counter()
-        input_ids = batch["input_ids"].to(device)
-        output = model.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), **kwargs)
-        sync(device)
-        generate_s += time.perf_counter() - t
-        for row in output[:, input_ids.shape[1] :].tolist():
-            completion = describe_completion(row, tokenizer)
-            new_tokens += completion["new_tokens"]
-            eos += completion["finish_reason"] == "eos"
-        timed += len(chunk)
-    estimated = generate_s / args.reference_batches * math.ceil(len(examples) / args.reference_batch_size) * scale
-    results.append(Result("reference, batched", timed, generate_s, new_tokens, eos, estimated, load_s, peak_memory(device)))
-    print(f"  {results[-1].config}: {generate_s:.1f} s for {timed} prompts", flush=True)
-    del model
-    return results
 
 
 class BatchTimer(L.Callback):
@@ -316,10 +193,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
+    args = parse_args(argv)
+    with smoke_threads(args.smoke):
+        return run(args)
+
+
+def run(args) -> list[Result]:
     import peft
     import transformers
 
-    args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     model_dir = resolve_base_model(args.model)
     tokenizer = load_tokenizer(model_dir)

@@ -17,6 +17,7 @@ from lima_lightning.distributed import gather_adapter_state, gather_rows, is_fsd
 from lima_lightning.errors import NonFiniteLossError
 from lima_lightning.failures import oom_line
 from lima_lightning.io import append_jsonl, write_dir_atomically, write_jsonl_atomically
+from lima_lightning.phases import PHASES
 
 
 def save_adapter(pl_module, target: Path, state_dict: dict | None = None) -> Path:
@@ -66,21 +67,26 @@ def save_adapter_once(trainer, pl_module, name: str) -> Path | None:
 
 
 class SaveAdapters(Callback):
-    def __init__(self, every_epoch: bool = True) -> None:
+    def __init__(self, every_epoch: bool = True, epochs: list[int] | None = None) -> None:
         """
         Args:
             every_epoch: Also save `adapters/epoch=E` after each epoch (`adapters/final` is always saved).
+            epochs: Only after these epochs (counted from 0, as in `adapters/epoch=E`), e.g. [4, 5, 6, 7, 8, 9] for the
+                LIMA paper's 5th to 10th; default: every epoch.
         """
         self.every_epoch = every_epoch
+        self.epochs = None if epochs is None else set(epochs)
         self._updating: int | None = None
 
     # Not rank_zero_only: every rank runs these hooks, so that FSDP can gather the sharded adapter; rank 0 writes.
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.every_epoch and not trainer.sanity_checking:
-            save_adapter_once(trainer, pl_module, runs.epoch_adapter_name(trainer.current_epoch))
+        if self.every_epoch and not trainer.sanity_checking and (self.epochs is None or trainer.current_epoch in self.epochs):
+            with PHASES.timed("adapter saves"):
+                save_adapter_once(trainer, pl_module, runs.epoch_adapter_name(trainer.current_epoch))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        path = save_adapter_once(trainer, pl_module, runs.FINAL_ADAPTER)
+        with PHASES.timed("final save"):
+            path = save_adapter_once(trainer, pl_module, runs.FINAL_ADAPTER)
         rank_zero_info(f"adapter saved to {path}")
 
     # --- failures: the weights' last good state on a NaN loss or a CUDA out-of-memory (failures.py prints the line) ---

@@ -128,6 +128,12 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._handlers: dict[int, Any] = {}
         self._trainer = None
 
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        from lima_lightning.phases import PHASES
+
+        with PHASES.timed("checkpoints"):
+            super()._save_checkpoint(trainer, filepath)
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         # Lightning 2.6 writes last.ckpt at an epoch end only when a top-k checkpoint was written at the same

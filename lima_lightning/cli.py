@@ -29,7 +29,10 @@ from lima_lightning.checkpointing import (
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.errors import UserError
 from lima_lightning.generation import RENAMED_OPTIONS
+from lima_lightning.memory import request_budget
 from lima_lightning.module import LIMALoRAModule
+from lima_lightning.phases import PHASES, PhaseReport
+from lima_lightning.progress import GenerationProgress
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Commands that need no Trainer: name -> module exposing `main(argv)`.
@@ -38,6 +41,8 @@ TOOL_COMMANDS: dict[str, str] = {
     "report": "lima_lightning.report",
     "export": "lima_lightning.commands.export",
     "inspect": "lima_lightning.commands.inspect",
+    "plan": "lima_lightning.commands.plan",
+    "chat": "lima_lightning.commands.chat",
 }
 
 
@@ -67,6 +72,13 @@ class LimaCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(ValidationWriter, "validation_rows")
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
+        parser.add_argument(
+            "--gpu_memory_gib",
+            type=float | None,
+            default=None,
+            help="GPU memory this run may use, in GiB (default: the whole device), enforced per process: a run that "
+            "needs more fails as it would on a smaller card. Checkpointing, generation chunks and merging plan against it.",
+        )
 
     def instantiate_trainer(self, **kwargs):
         # Lightning's refusals of the Trainer options (no GPU for a GPU config, ...) are one line (failures.py).
@@ -76,6 +88,8 @@ class LimaCLI(LightningCLI):
         # Atomic checkpoint writes and weights_only reads, unless a plugin chose another CheckpointIO.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer.callbacks.append(PhaseReport())  # the time from the command to its result, per phase
+        trainer.callbacks.append(GenerationProgress())  # predict: prompts and tokens, not batches
         return trainer
 
     def parse_arguments(self, parser, args) -> None:
@@ -98,6 +112,12 @@ class LimaCLI(LightningCLI):
                 check_not_finished(checkpoint, config.trainer, config.ckpt_path)  # RunFinished: one line, exit 0
             if version is not None and subcommand == "fit":
                 self._resume_in = (version, int(checkpoint["global_step"]))
+
+    def before_instantiate_classes(self) -> None:
+        PHASES.mark_startup()
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
+        request_budget(config.get("gpu_memory_gib"))
 
     def before_fit(self) -> None:
         # Continue the run in its own run dir; TensorBoard drops what the killed process logged after the
@@ -149,6 +169,9 @@ class _ConfigOnlyCLI(LimaCLI):
     def instantiate_classes(self) -> None:
         pass
 
+    def _set_seed(self) -> None:
+        pass  # reading a configuration must not seed this process's RNGs
+
     def after_instantiate_classes(self) -> None:
         pass
 
@@ -159,16 +182,20 @@ def parse_fit_config(args: list[str]):
     For commands that take fit's arguments but load no weights (e.g. `inspect`, `plan`): `config.model`,
     `config.data` and `config.trainer` are namespaces of plain values; `LIMADataModule(**config.data)` is cheap.
     """
+    import warnings
+
     try:
-        return _ConfigOnlyCLI(
-            LIMALoRAModule,
-            LIMADataModule,
-            args=args,
-            run=False,
-            parser_class=OneLineErrorParser,
-            auto_configure_optimizers=False,
-            parser_kwargs={"default_env": False},
-        ).config
+        with warnings.catch_warnings():  # `args` is what this command was given, on purpose
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            return _ConfigOnlyCLI(
+                LIMALoRAModule,
+                LIMADataModule,
+                args=args,
+                run=False,
+                parser_class=OneLineErrorParser,
+                auto_configure_optimizers=False,
+                parser_kwargs={"default_env": False},
+            ).config
     except UserError as e:
         fail(e)
 
@@ -194,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])
         except BaseException as e:
-            failures.exit_for(e, argv)
+            failures.exit_for(e, argv)  # UserError, CheckFailed, a full disk, ...: one line
             raise
         return
     # --- end failures ---

@@ -95,21 +95,16 @@ def prepare_fsdp(strategy, model: torch.nn.Module) -> None:
         strategy.kwargs["auto_wrap_policy"] = lora_fsdp_wrap_policy(layer_classes)
     if strategy.mixed_precision is None:
         strategy.mixed_precision = MixedPrecision()
-    if _checkpointing_enabled(base):
+    checkpointed = [layer for layer in base.get_decoder().layers if getattr(layer, "gradient_checkpointing", False)]
+    if checkpointed:
         from lima_lightning.models.speed import set_gradient_checkpointing
 
         set_gradient_checkpointing(base, False)
-        # Lightning applies these after wrapping (FSDPStrategy._setup_model); a private attribute of 2.6.
+        # The same layers, wrapped by FSDP instead. Lightning applies these after wrapping
+        # (FSDPStrategy._setup_model); a private attribute of 2.6.
         if not strategy._activation_checkpointing_kwargs:
-            strategy._activation_checkpointing_kwargs = {"check_fn": lambda module: isinstance(module, layer_classes)}
-
-
-def _checkpointing_enabled(model) -> bool:
-    # transformers 5.2x renamed the property (the old name warns); 5.1x has only the old one.
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
+            chosen = {id(layer) for layer in checkpointed}
+            strategy._activation_checkpointing_kwargs = {"check_fn": lambda module: id(module) in chosen}
 
 
 def clean_param_name(name: str) -> str:

@@ -15,3 +15,7 @@ class Unavailable(UserError):
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite; the run stops before the optimizer applies it."""
+
+
+class CheckFailed(Exception):
+    """A self-check of the product failed (not the user's doing): one line on stderr, exit status 1."""

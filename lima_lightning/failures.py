@@ -4,6 +4,7 @@
 |---|---|
 | a mistake in the input or the options (`UserError`), an unknown subcommand, a GPU config on a machine without one | 2 |
 | something unavailable: the hub out of reach, a full or read-only disk (`WriteError`), CUDA out of memory | 1 |
+| a self-check of the product failed (`CheckFailed`, e.g. export's merged-vs-adapter logits) | 1 |
 | SIGTERM or Ctrl-C during fit (`Preempted`: last.ckpt written at the current step) | 128 + the signal (143, 130) |
 | `--ckpt_path last` of a run that is already finished (`RunFinished`) | 0 |
 
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lima_lightning import runs
-from lima_lightning.errors import UserError
+from lima_lightning.errors import CheckFailed, UserError
 from lima_lightning.io import WRITE_ERRORS, WriteError
 
 PROG = "lima-lightning"
@@ -46,6 +47,8 @@ def describe(exc: BaseException, argv: list[str]) -> tuple[str, int] | None:
     """(the line to print, the exit status) for a failure a user can cause or meet; None for a bug."""
     if isinstance(exc, UserError):
         return f"{PROG}: error: {exc}", exc.exit_status
+    if isinstance(exc, CheckFailed):
+        return f"{PROG}: check failed: {exc}", 1
     if isinstance(exc, RunFinished):
         return f"{PROG}: {exc}", 0
     if isinstance(exc, Preempted):
@@ -162,13 +165,28 @@ def _allocator_numbers(exc: BaseException) -> str:
     return ", ".join(parts) or text[:120]
 
 
+def _margins():
+    try:
+        from lima_lightning.memory import MemoryEstimate
+    except ImportError:  # before the memory model moved out of models/speed.py
+        from lima_lightning.models.speed import MemoryEstimate
+    return MemoryEstimate.MARGIN, MemoryEstimate.SLACK_BYTES
+
+
 def fitting_settings(module, datamodule) -> list[str]:
     """Concrete options that would lower the peak, most effective first, from the run's own plan where there is one."""
     hp = module.hparams
-    estimate = (getattr(module, "speed_settings", None) or {}).get("memory_estimate")
+    speed = getattr(module, "speed_settings", None) or {}
+    estimate = speed.get("memory_estimate")
     data = getattr(datamodule, "hparams", {}) or {}
     suggestions = []
-    if not module.speed_settings.get("gradient_checkpointing", bool(hp.gradient_checkpointing)):
+    layers = (estimate or {}).get("num_layers")
+    checkpointed = speed.get("checkpointed_layers")
+    if checkpointed is not None and layers:
+        all_checkpointed = checkpointed >= layers
+    else:
+        all_checkpointed = bool(speed.get("gradient_checkpointing", hp.gradient_checkpointing is True))
+    if not all_checkpointed:
         suggestions.append("--model.gradient_checkpointing true")
     batching = data.get("batching", "padded")
     if batching == "padded":
@@ -178,10 +196,12 @@ def fitting_settings(module, datamodule) -> list[str]:
         current, floor = data.get("max_tokens_per_batch", 8192), data.get("max_seq_length", 2048)
         fit = None
         if estimate:
-            from lima_lightning.models.speed import MemoryEstimate
-
-            usable = estimate["budget_bytes"] / MemoryEstimate.MARGIN - MemoryEstimate.SLACK_BYTES
-            fit = int((usable - estimate["fixed_bytes"] - estimate["optimizer_bytes"]) / max(estimate["bytes_per_token"], 1))
+            margin, slack = _margins()
+            per_token = estimate["bytes_per_token"]
+            if layers and checkpointed and "checkpointed_bytes_per_token" in estimate:  # per token with k layers checkpointed
+                per_token -= checkpointed * (per_token - estimate["checkpointed_bytes_per_token"]) / layers
+            usable = estimate["budget_bytes"] / margin - slack
+            fit = int((usable - estimate["fixed_bytes"] - estimate["optimizer_bytes"]) / max(per_token, 1))
         smaller = min(current // 2, fit) if fit else current // 2
         if smaller >= floor:
             suggestions.append(f"--data.max_tokens_per_batch {smaller // 256 * 256 or smaller}")

@@ -13,7 +13,9 @@ from typing import Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-GENERATION_MEMORY_FRACTION = 0.9  # of the GPU's total memory; the rest is the allocator's and the CUDA context's slack
+from lima_lightning.memory import budget_bytes
+
+GENERATION_MEMORY_FRACTION = 0.9  # of the memory budget; the rest is the allocator's and the CUDA context's slack
 
 
 @dataclass(frozen=True)
@@ -102,20 +104,51 @@ def rows_per_chunk(config, rows: int, prompt_len: int, max_new_tokens: int, dtyp
 
 
 def generation_memory_budget(device: torch.device) -> int | None:
-    """Bytes generation may use on `device`: a fixed share of its total memory minus what is allocated now.
+    """Bytes generation may use on `device`: a fixed share of the memory budget minus what is allocated now.
 
-    Total rather than free memory, so the chunking (and with it the samples) does not depend on what other
-    processes hold. None on CPU: host memory is not planned for.
+    The budget (`--gpu_memory_gib`, else the device's total) rather than free memory, so the chunking (and with
+    it the samples) does not depend on what other processes hold. None on CPU: host memory is not planned for.
     """
     if device.type != "cuda":
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
-    return max(0, int(total * GENERATION_MEMORY_FRACTION) - torch.cuda.memory_allocated(device))
+    return max(0, int(budget_bytes(device) * GENERATION_MEMORY_FRACTION) - torch.cuda.memory_allocated(device))
+
+
+class TokenCounter:
+    """A transformers streamer that counts the new tokens of a batch as they are generated, for progress output.
+
+    `generate` hands it the prompts once, then each step's next token of every row (finished rows repeat the pad
+    id); `on_tokens(n)` gets the number of rows that produced a real token in the step.
+    """
+
+    def __init__(self, pad_id: int, on_tokens) -> None:
+        self.pad_id, self.on_tokens, self.prompt_seen = pad_id, on_tokens, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call is the prompt itself
+            self.prompt_seen = True
+            return
+        self.on_tokens(int((value != self.pad_id).sum()))
+
+    def end(self) -> None:
+        pass
 
 
 @torch.no_grad()
-def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: GenerationSettings) -> list[dict]:
-    """Generate for a left-padded (B, T) batch; return response text, finish reason and new-token count per row."""
+def generate(
+    model,
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: GenerationSettings,
+    progress=None,
+    streamer=None,
+) -> list[dict]:
+    """Generate for a left-padded (B, T) batch; return response text, finish reason and new-token count per row.
+
+    progress: an object with `tokens(n)` and `prompts(n)` (see `progress.GenerationProgress`), told as it goes.
+    streamer: a transformers streamer that receives the tokens as they are generated (chat: one row only).
+    """
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
     cache = "static" if settings.compile else settings.cache
     dtype_bytes = model.dtype.itemsize  # the KV cache is kept in the model's dtype
@@ -138,9 +171,13 @@ def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Te
             use_cache=True,
             cache_implementation=cache,
             disable_compile=not settings.compile,  # transformers compiles static-cache decoding on CUDA by itself
+            streamer=streamer or (TokenCounter(tokenizer.pad_token_id, progress.tokens) if progress is not None else None),
             **sampling,
         )
-        results += [describe_completion(row, tokenizer) for row in output[:, input_ids.shape[1] :].tolist()]
+        completed = [describe_completion(row, tokenizer) for row in output[:, input_ids.shape[1] :].tolist()]
+        if progress is not None:
+            progress.prompts(len(completed))
+        results += completed
     return results
 
 

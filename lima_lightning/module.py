@@ -18,9 +18,11 @@ from lima_lightning.distributed import clean_param_name, clip_gradients, fsdp_qu
 from lima_lightning.errors import UserError
 from lima_lightning.generation import GenerationSettings, generate
 from lima_lightning.loss import head_nll_sum, masked_nll_sum, scale_grads
+from lima_lightning.memory import apply_budget
 from lima_lightning.metrics import StepTally, check_finite, train_metrics
 from lima_lightning.models.loading import LLAMA_PROJECTIONS
 from lima_lightning.optim import OptimizerName, SchedulerName, build_optimizer, build_scheduler
+from lima_lightning.phases import PHASES
 
 # Models whose logits are exactly lm_head(last hidden state): no soft-capping or logit scaling in between.
 HEAD_ONLY_MODEL_TYPES = ("llama", "mistral")
@@ -43,8 +45,11 @@ class LIMALoRAModule(L.LightningModule):
         optimizer: OptimizerName = "adamw",
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.03,
         scheduler: SchedulerName = "cosine",
+        min_lr_ratio: float = 0.0,
+        residual_dropout: float = 0.0,
         adapter_path: str | None = None,
         generation: GenerationSettings = GenerationSettings(),
         trust_remote_code: bool = False,
@@ -74,8 +79,13 @@ class LIMALoRAModule(L.LightningModule):
             optimizer: `adamw` (torch) or a bitsandbytes 8-bit / paged AdamW (less optimizer memory).
             learning_rate: Peak learning rate after warmup.
             weight_decay: AdamW weight decay on the LoRA weights.
+            adam_betas: AdamW's (beta1, beta2); the LIMA paper trains with (0.9, 0.95).
             warmup_ratio: Share of the optimizer steps spent warming the learning rate up from 0.
             scheduler: Learning-rate decay after warmup.
+            min_lr_ratio: Where the decay ends, as a share of the peak rate (the LIMA paper: 0.1); 0: down to 0.
+            residual_dropout: Dropout on each decoder layer's attention and MLP outputs before they join the residual
+                stream, rising linearly from 0 at the bottom layer to this rate at the top one, as the LIMA paper
+                trains (0.2 for 7B and 13B, 0.3 for 65B); training only; 0: off.
             adapter_path: A saved adapter directory to start from (fit) or generate with (predict);
                 without it, fit starts fresh adapters and predict uses the base model alone.
             generation: How predict, chat and the samples callback generate (`--model.generation.*`).
@@ -94,6 +104,7 @@ class LIMALoRAModule(L.LightningModule):
         self.compile_backend = "inductor"  # tests and the CPU benchmark smoke run use "aot_eager"
         self.speed_settings: dict = {}
         self.step_tally = StepTally()
+        self.generation_progress = None  # set by progress.GenerationProgress while predicting
 
     @classmethod
     def around(cls, model, tokenizer, **options) -> LIMALoRAModule:
@@ -108,7 +119,12 @@ class LIMALoRAModule(L.LightningModule):
     # ----------------------------------------------------------------------------- model
     def configure_model(self) -> None:
         if self.model is None:
-            self._load_model()
+            with PHASES.timed("load"):
+                self._load_model()
+        if self.hparams.residual_dropout:
+            from lima_lightning.models.residual_dropout import add_residual_dropout
+
+            add_residual_dropout(self.model, self.hparams.residual_dropout)
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # Attention kernel, adapter dtype, gradient checkpointing (auto: measured), compile; idempotent.
             from lima_lightning.models.speed import configure_for_training
@@ -136,7 +152,8 @@ class LIMALoRAModule(L.LightningModule):
         predicting = not training and self.trainer.state.fn == "predict"
         if predicting and decide_merge(self.generation.merge, base, device):
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            self.model = merge_into_base(base, hp.adapter_path, hp.base_model, dtype)
+            with PHASES.timed("merge"):
+                self.model = merge_into_base(base, hp.adapter_path, hp.base_model, dtype)
         elif hp.adapter_path:
             self.model = load_adapter(base, hp.adapter_path, hp.base_model, trainable=training)
         else:
@@ -146,6 +163,8 @@ class LIMALoRAModule(L.LightningModule):
         self.model.train(training)
 
     def setup(self, stage: str) -> None:
+        # Before anything is loaded onto this rank's device: --gpu_memory_gib caps what this process may allocate.
+        apply_budget(self.trainer.strategy.root_device)
         precision = str(self.trainer.precision)
         if precision.startswith("16"):
             raise UserError(
@@ -218,7 +237,8 @@ class LIMALoRAModule(L.LightningModule):
         self._eval_tally = StepTally()
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        nll, trained = self.masked_nll(batch, per_row=True)
+        with self._layers_eager():  # compiled for training: a no-grad forward would compile its own graphs
+            nll, trained = self.masked_nll(batch, per_row=True)
         self._eval_tally.add(nll.sum(), trained.sum(), batch["num_tokens"])
         return {"nll": nll.detach(), "tokens": trained}  # per row: what ValidationWriter writes
 
@@ -244,19 +264,23 @@ class LIMALoRAModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = build_optimizer(self.trainable_parameters(), hp.optimizer, hp.learning_rate, hp.weight_decay)
-        scheduler = build_scheduler(optimizer, hp.scheduler, int(self.trainer.estimated_stepping_batches), hp.warmup_ratio)
+        optimizer = build_optimizer(self.trainable_parameters(), hp.optimizer, hp.learning_rate, hp.weight_decay, hp.adam_betas)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, hp.scheduler, total_steps, hp.warmup_ratio, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------------- generation
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **overrides) -> list[dict]:
         settings = GenerationSettings(**{**asdict(self.generation), **overrides})
-        # model.compile compiles the layers for training batches; decoding with a KV cache would recompile them
-        # (generation.compile compiles the whole decoding step instead).
-        layers_eager = self.hparams.compile and not settings.compile
-        eager = torch.compiler.set_stance("force_eager") if layers_eager else contextlib.nullcontext()
-        with eager:
-            return generate(self.model, self.tokenizer, input_ids.to(self.device), attention_mask.to(self.device), settings)
+        # generation.compile compiles the whole decoding step instead of the layers.
+        with self._layers_eager() if not settings.compile else contextlib.nullcontext():
+            ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
+            return generate(self.model, self.tokenizer, ids, mask, settings, progress=self.generation_progress)
+
+    def _layers_eager(self):
+        """model.compile compiles the layers for training steps; validation (no grad) and decoding (KV cache) run
+        them uncompiled rather than compiling graphs of their own (each a minute or more for 7B)."""
+        return torch.compiler.set_stance("force_eager") if self.hparams.compile else contextlib.nullcontext()
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         # Seeded per batch, so a batch's samples do not depend on what ran before it.
@@ -281,6 +305,12 @@ def check_options(hp, generation: GenerationSettings) -> None:
         problems.append(f"model.learning_rate={hp.learning_rate}: must be positive, e.g. 2e-4")
     if not 0.0 <= hp.warmup_ratio < 1.0:
         problems.append(f"model.warmup_ratio={hp.warmup_ratio}: must be in [0, 1)")
+    if not 0.0 <= hp.min_lr_ratio <= 1.0:
+        problems.append(f"model.min_lr_ratio={hp.min_lr_ratio}: must be in [0, 1], e.g. 0.1 to end at a tenth of the peak")
+    if not 0.0 <= hp.residual_dropout < 1.0:
+        problems.append(f"model.residual_dropout={hp.residual_dropout}: must be in [0, 1), e.g. 0.2")
+    if not all(0.0 <= b < 1.0 for b in hp.adam_betas):
+        problems.append(f"model.adam_betas={list(hp.adam_betas)}: each must be in [0, 1), e.g. [0.9, 0.95]")
     if hp.loss_chunk_size < 0:
         problems.append(f"model.loss_chunk_size={hp.loss_chunk_size}: must be >= 0 (0: no chunking), e.g. 1024")
     problems += generation.problems()

@@ -11,13 +11,12 @@ OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_
 SchedulerName = Literal["cosine", "linear", "constant"]
 
 
-def build_optimizer(
-    params: list[torch.nn.Parameter], name: OptimizerName, learning_rate: float, weight_decay: float
-) -> torch.optim.Optimizer:
+def build_optimizer(params: list[torch.nn.Parameter], name: OptimizerName, learning_rate: float, weight_decay: float, betas=(0.9, 0.999)):
     """torch's AdamW, or a bitsandbytes 8-bit / paged AdamW (less optimizer memory)."""
+    betas = tuple(betas)
     if name == "adamw":
         # foreach (the CUDA default), not fused: Lightning refuses gradient clipping with a fused AdamW under AMP.
-        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=betas)
     import bitsandbytes as bnb
 
     optimizer_class = {
@@ -25,16 +24,27 @@ def build_optimizer(
         "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
         "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
     }[name]
-    return optimizer_class(params, lr=learning_rate, weight_decay=weight_decay)
+    return optimizer_class(params, lr=learning_rate, weight_decay=weight_decay, betas=betas)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, name: SchedulerName, total_steps: int, warmup_ratio: float):
-    """Linear warmup over `warmup_ratio` of the steps, then `name` decay (transformers' schedules), stepped per step."""
-    from transformers import get_scheduler
+def lr_factor(step: int, total_steps: int, warmup_steps: int, name: SchedulerName, min_lr_ratio: float = 0.0) -> float:
+    """The learning rate at `step` as a share of the peak: linear warmup, then `name` decay down to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if name == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    shape = 1.0 - progress if name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer, name: SchedulerName, total_steps: int, warmup_ratio: float, min_lr_ratio: float = 0.0):
+    """`lr_factor` per optimizer step (transformers' warmup schedules, with an optional floor)."""
+    from torch.optim.lr_scheduler import LambdaLR
 
     total_steps = max(1, total_steps)
-    schedule = {"constant": "constant_with_warmup"}.get(name, name)
-    return get_scheduler(schedule, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_steps), num_training_steps=total_steps)
+    warmup_steps = math.ceil(warmup_ratio * total_steps)
+    return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, name, min_lr_ratio))
 
 
 def optimizer_state_bytes(params: list[torch.nn.Parameter], name: OptimizerName) -> int:

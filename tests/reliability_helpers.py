@@ -138,9 +138,12 @@ class PlannedMemory(L.Callback):
         pl_module.speed_settings["memory_estimate"] = {
             "fixed_bytes": 6.0 * 2**30,
             "bytes_per_token": 2.0 * 2**20,
+            "checkpointed_bytes_per_token": 0.5 * 2**20,
+            "num_layers": 32,
             "optimizer_bytes": 1.0 * 2**30,
             "max_tokens": 8192,
             "budget_bytes": 23.5 * 2**30,
+            "checkpointed_layers": 0,
             "predicted_peak_gib": 23.0,
             "fits": True,
         }

@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import REPO
 
+sys.path.insert(0, str(REPO / "benchmarks"))  # its helpers (measure) import by name
+
 
 def load_bench():
     spec = importlib.util.spec_from_file_location("bench_generate", REPO / "benchmarks" / "bench_generate.py")

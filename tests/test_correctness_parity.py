@@ -27,7 +27,7 @@ def fed_to_generation():
     seen: dict[int, list[int]] = {}
     pad_checks: list[bool] = []
 
-    def record(model, tokenizer, input_ids, attention_mask, settings):
+    def record(model, tokenizer, input_ids, attention_mask, settings, **progress):
         for row, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
             n_pad = mask.index(1)
             pad_checks.append(mask == [0] * n_pad + [1] * (len(mask) - n_pad))  # padding only on the left

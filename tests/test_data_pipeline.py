@@ -92,7 +92,7 @@ def test_chat_and_lima_formats_read_alike(tmp_path):
     "line, message",
     [
         ("{not json", "bad.jsonl:2: invalid JSON"),
-        ('{"text": "hi"}', "bad.jsonl:2: row has no 'conversations' or 'messages'"),
+        ('{"text": "hi"}', "bad.jsonl:2: row has no 'conversations', 'messages' or 'instruction'"),
         ('{"conversations": ["hi", 3]}', "bad.jsonl:2: conversations[1] is a number"),
         ('{"conversations": ["hi", "  "]}', "bad.jsonl:2: conversations[1] is empty"),
         ('{"messages": [{"role": "assistant", "content": "x"}]}', "bad.jsonl:2: messages[0] has role 'assistant' where 'user'"),
@@ -100,7 +100,9 @@ def test_chat_and_lima_formats_read_alike(tmp_path):
 )
 def test_bad_rows_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"conversations": ["ok", "ok"]}) + "\n" + line + "\n")
+    # A good first row in the bad row's own format (the first row decides a file's format).
+    first = {"messages": [{"role": "user", "content": "ok"}]} if line.startswith('{"messages"') else {"conversations": ["ok", "ok"]}
+    path.write_text(json.dumps(first) + "\n" + line + "\n")
     with pytest.raises(
         UserError,
         match="^" + str(tmp_path).replace("\\", "\\\\") + "/" + message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\("),

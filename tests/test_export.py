@@ -138,3 +138,55 @@ def test_merging_frees_the_nf4_weights_at_once(tiny_dir):
     finally:
         gc.enable()
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+
+
+def test_export_checks_the_merge_and_writes_nothing_when_it_is_off(tmp_path, tiny_dir, capsys, monkeypatch):
+    import lima_lightning.models.merging as merging
+
+    adapter = make_run(tmp_path / "run", tiny_dir, "none")
+    export("--adapter_path", str(adapter), "--out", str(tmp_path / "ok"), "--dtype", "fp32")
+    line = next(line for line in capsys.readouterr().out.splitlines() if "merged vs adapter model" in line)
+    measured = float(line.split("difference ")[1].split(" ")[0])
+    assert measured <= 1e-5  # fp32: rounding only
+    real_merge = merging.merge_into_base
+
+    def merge_dropping_the_adapter(base, adapter_path, base_name, dtype):
+        return real_merge(base, None, base_name, dtype)  # a merge that loses the adapter: the base alone
+
+    monkeypatch.setattr(merging, "merge_into_base", merge_dropping_the_adapter)
+    with pytest.raises(SystemExit) as exit_info:
+        export("--adapter_path", str(adapter), "--out", str(tmp_path / "bad"), "--dtype", "fp32")
+    assert exit_info.value.code == 1  # not the user's mistake
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("lima-lightning: check failed: export: the merged model's logits differ") and "nothing was written" in error
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_merging_keeps_rope_in_fp32(tiny_dir):
+    from lima_lightning.models.merging import merge_into_base
+
+    merged = merge_into_base(load_base_model(str(tiny_dir), "none", torch.device("cpu")), None, "tiny", torch.bfloat16)
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert merged.model.rotary_emb.inv_freq.dtype == torch.float32  # bf16 would shift every position's angle
+
+
+def test_gguf_export_round_trips_within_its_bound(tmp_path, llama2_tokenizer, capsys):
+    """The whole command with --format gguf, on a tiny Llama with the real Llama-2 tokenizer (skipped without it)."""
+    from tests.test_gguf import tiny_llama  # the gguf tests' tiny model (Llama-2's 32000-token vocabulary)
+
+    base_dir = tmp_path / "base"
+    model = tiny_llama()
+    model.save_pretrained(base_dir)
+    llama2_tokenizer.save_pretrained(base_dir)
+    lora = add_lora(load_base_model(str(base_dir), "none", torch.device("cpu")), 8, 16, 0.0, LLAMA_PROJECTIONS)
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    adapter = tmp_path / "run" / "adapters" / "final"
+    lora.save_pretrained(adapter)
+    llama2_tokenizer.save_pretrained(adapter)
+    export("--adapter_path", str(adapter), "--out", str(tmp_path / "gguf"), "--format", "gguf", "--quantization", "none")
+    [file] = list((tmp_path / "gguf").glob("*.gguf"))
+    assert file.name == "gguf.Q8_0.gguf"
+    line = next(line for line in capsys.readouterr().out.splitlines() if "read back by transformers" in line)
+    assert float(line.split("difference ")[1].split(" ")[0]) <= 5e-2

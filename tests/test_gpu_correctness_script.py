@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 
 from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))  # its helpers (correctness_probe, measure) import by name
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ BAD_DATA = {
     "no_turns_key": (
         "d.jsonl",
         '{"conversations": ["hi", "yo"]}\n{"text": "hi"}\n',
-        ":2: row has no 'conversations' or 'messages'",
+        ":2: row has no 'conversations', 'messages' or 'instruction'",
         "(LIMA format)",
     ),
     "null_row": ("d.jsonl", "null\n", ":1: row is null", "expected {"),

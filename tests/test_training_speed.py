@@ -6,16 +6,8 @@ import pytest
 import torch
 
 from lima_lightning.data.collate import collate_rows
-from lima_lightning.models.speed import (
-    GIB,
-    MemoryEstimate,
-    compile_decoder_layers,
-    configure_for_training,
-    decide_checkpointing,
-    probe_activation_memory,
-    set_attention,
-    set_gradient_checkpointing,
-)
+from lima_lightning.memory import GIB, MemoryEstimate, decide_checkpointing, probe_activation_memory
+from lima_lightning.models.speed import compile_decoder_layers, configure_for_training, set_attention, set_gradient_checkpointing
 from lima_lightning.optim import optimizer_state_bytes
 from tests.conftest import demo_args, run_cli
 from tests.test_batching import assert_grads_close, examples, make_module  # noqa: F401 (fixture)
@@ -26,11 +18,26 @@ def layers(module):
 
 
 def test_memory_estimate_fits_only_with_the_margin():
-    estimate = MemoryEstimate(fixed_bytes=4 * GIB, bytes_per_token=2**20, optimizer_bytes=1 * GIB, max_tokens=8192, budget_bytes=16 * GIB)
+    # No saving from checkpointing (same bytes per token either way): fits without, or not at all.
+    estimate = MemoryEstimate(4 * GIB, 2**20, 2**20, num_layers=2, optimizer_bytes=1 * GIB, max_tokens=8192, budget_bytes=16 * GIB)
     assert estimate.predicted_peak_bytes == 13 * GIB  # 4 + 1 + 8192 x 1 MiB
-    assert estimate.fits  # 13 x 1.15 + 1 = 15.95 GiB <= 16
-    assert not MemoryEstimate(4 * GIB, 2**20, 1 * GIB, 8192, 15.9 * GIB).fits
-    assert not MemoryEstimate(4 * GIB, 2**20, 1 * GIB, 16384, 16 * GIB).fits  # twice the tokens: 21 GiB
+    assert estimate.fits and estimate.checkpointed_layers == 0  # 13 x 1.15 + 1 = 15.95 GiB <= 16
+    assert not MemoryEstimate(4 * GIB, 2**20, 2**20, 2, 1 * GIB, 8192, 15.9 * GIB).fits
+    assert not MemoryEstimate(4 * GIB, 2**20, 2**20, 2, 1 * GIB, 16384, 16 * GIB).fits  # twice the tokens: 21 GiB
+
+
+def test_auto_checkpoints_the_fewest_layers_that_fit():
+    """1 MiB/token without checkpointing, 0.2 with all 4 layers: each checkpointed layer saves 0.2 MiB/token."""
+    estimate = MemoryEstimate(2 * GIB, 2**20, 0.2 * 2**20, num_layers=4, optimizer_bytes=0, max_tokens=8192, budget_bytes=9 * GIB)
+    peaks = [estimate.peak_bytes(k) / GIB for k in range(5)]
+    assert peaks == pytest.approx([10.0, 8.4, 6.8, 5.2, 3.6])  # 2 + 8 x (1 - 0.2 k)
+    # x1.15 + 1 GiB: 8.4 -> 10.66 > 9; 6.8 -> 8.82 <= 9: two layers, no more.
+    assert estimate.checkpointed_layers == 2 and estimate.fits
+    assert estimate.predicted_peak_bytes == pytest.approx(6.8 * GIB)
+    assert "checkpointing 2 of 4 decoder layers" in estimate.describe()
+    assert MemoryEstimate(2 * GIB, 2**20, 0.2 * 2**20, 4, 0, 8192, 100 * GIB).checkpointed_layers == 0  # a big GPU
+    squeezed = MemoryEstimate(2 * GIB, 2**20, 0.2 * 2**20, 4, 0, 8192, 4 * GIB)
+    assert squeezed.checkpointed_layers == 4 and not squeezed.fits  # all of them, and it says it does not fit
 
 
 def test_optimizer_state_bytes():
@@ -43,9 +50,9 @@ def test_optimizer_state_bytes():
 
 def test_auto_is_off_on_cpu_and_on_when_the_batch_size_is_unknown():
     module = make_module()
-    assert decide_checkpointing(module, torch.device("cpu"), 8192)[0] is False
-    # No probe runs (it would need CUDA): without a batch bound the safe answer is on.
-    assert decide_checkpointing(module, torch.device("cuda"), None)[0] is True
+    assert decide_checkpointing(module, torch.device("cpu"), 8192)[0] == 0
+    # No probe runs (it would need CUDA): without a batch bound the safe answer is every layer.
+    assert decide_checkpointing(module, torch.device("cuda"), None)[0] == len(layers(module))
 
 
 def test_checkpointing_toggles_every_layer_and_keeps_the_loss(examples):  # noqa: F811
@@ -61,6 +68,13 @@ def test_checkpointing_toggles_every_layer_and_keeps_the_loss(examples):  # noqa
     checkpointed, _ = module.masked_nll(batch)
     checkpointed.backward()
     torch.testing.assert_close(checkpointed, nll)
+    assert_grads_close({n: p.grad for n, p in module.named_parameters() if p.requires_grad}, plain)
+    set_gradient_checkpointing(module.model.get_base_model(), 1)  # what auto chooses when one layer is enough
+    assert [layer.gradient_checkpointing for layer in layers(module)] == [True, False]
+    module.zero_grad(set_to_none=True)
+    partial, _ = module.masked_nll(batch)
+    partial.backward()
+    torch.testing.assert_close(partial, nll)
     assert_grads_close({n: p.grad for n, p in module.named_parameters() if p.requires_grad}, plain)
     set_gradient_checkpointing(module.model.get_base_model(), False)
     assert not any(layer.gradient_checkpointing for layer in layers(module))
@@ -98,16 +112,23 @@ def test_compiled_layers_give_the_same_loss_and_gradients(examples):  # noqa: F8
     module = make_module()
     batch = collate_rows([examples[:4], examples[4:]], 0)
     nll, eager = eager_loss_and_gradients(module, batch)
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
     compile_decoder_layers(module.model.get_base_model(), backend="aot_eager")
     compiled, _ = module.masked_nll(batch)
     compiled.backward()
+    assert counters["stats"]["unique_graphs"] - before == 1  # one graph serves every layer, the first one too
     torch.testing.assert_close(compiled, nll, rtol=1e-5, atol=1e-5)
     assert_grads_close({n: p.grad for n, p in module.named_parameters() if p.requires_grad}, eager)
-    # Generation (samples during fit, predict) runs the compiled layers eagerly instead of recompiling them.
-    from torch._dynamo.utils import counters
-
+    # Validation (no grad) and generation (samples during fit, predict) run the compiled layers eagerly
+    # instead of compiling graphs of their own.
     graphs = counters["stats"]["unique_graphs"]
     module.hparams.compile = True
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+    assert counters["stats"]["unique_graphs"] == graphs
     module.eval()
     prompt = collate_rows([examples[:1]], 0)["input_ids"]
     [result] = module.generate(prompt, torch.ones_like(prompt), max_new_tokens=3, do_sample=False)
@@ -146,6 +167,8 @@ def test_fit_with_the_speed_knobs_through_the_cli(tmp_path):
 
 
 def fake_cuda(monkeypatch, peak_of_tokens):
+    from types import SimpleNamespace
+
     """Stand-ins for the CUDA memory calls, so the probe's plumbing runs on CPU with real forward/backward steps."""
     state = {"peak": 0}
     for name in ("synchronize", "reset_peak_memory_stats"):
@@ -153,9 +176,10 @@ def fake_cuda(monkeypatch, peak_of_tokens):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * GIB, 141 * GIB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * GIB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=141 * GIB))
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.zeros(1, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: None)
-    return lambda tokens: state.update(peak=peak_of_tokens(tokens))
+    return lambda *args: state.update(peak=peak_of_tokens(*args))
 
 
 def test_probe_fits_a_line_through_two_measured_steps(monkeypatch):
@@ -169,7 +193,7 @@ def test_estimate_memory_probes_real_steps_without_checkpointing_or_rng_use(monk
     from contextlib import nullcontext
     from types import SimpleNamespace
 
-    from lima_lightning.models.speed import estimate_memory
+    from lima_lightning.memory import estimate_memory
 
     module = make_module(gradient_checkpointing="auto", lora_dropout=0.1)
     set_gradient_checkpointing(module.model.get_base_model(), True)
@@ -178,19 +202,24 @@ def test_estimate_memory_probes_real_steps_without_checkpointing_or_rng_use(monk
     masked_nll = module.masked_nll
 
     def spy(batch):
-        seen.append((batch["input_ids"].shape, bool((batch["labels"][:, 1:] == batch["input_ids"][:, 1:]).all())))
-        record(batch["input_ids"].numel())
+        checkpointed = [layer.gradient_checkpointing for layer in layers(module)]
+        seen.append((batch["input_ids"].shape, bool((batch["labels"][:, 1:] == batch["input_ids"][:, 1:]).all()), all(checkpointed)))
+        record(batch["input_ids"].numel(), all(checkpointed))
         return masked_nll(batch)
 
-    record = fake_cuda(monkeypatch, lambda n: 4 * GIB + 2**20 * n)
+    # 1 MiB per token without checkpointing, a quarter of that with every layer checkpointed.
+    record = fake_cuda(monkeypatch, lambda n, checkpointed: 4 * GIB + (2**18 if checkpointed else 2**20) * n)
     monkeypatch.setattr(module, "masked_nll", spy)
     module.trainer = SimpleNamespace(precision_plugin=SimpleNamespace(train_step_context=nullcontext))
     rng = torch.get_rng_state()
     estimate = estimate_memory(module, torch.device("cpu"), max_tokens=8192)
-    assert seen == [(torch.Size([1, 512]), True), (torch.Size([1, 1024]), True)]  # every target trained: the worst case
+    sizes = [torch.Size([1, 512]), torch.Size([1, 1024])] * 2
+    # Every target trained (the worst case), twice without and twice with every layer checkpointed.
+    assert seen == [(size, True, checkpointed) for size, checkpointed in zip(sizes, [False, False, True, True], strict=True)]
     assert torch.equal(torch.get_rng_state(), rng)  # dropout masks drawn in the probe do not shift training's
     assert all(p.grad is None for p in module.trainable_parameters()) and not module.model.training
     assert not any(layer.gradient_checkpointing for layer in layers(module))  # measured without it
     trainable = sum(p.numel() for p in module.trainable_parameters())
     assert estimate.fixed_bytes == 4 * GIB and estimate.bytes_per_token == 2**20 and estimate.optimizer_bytes == 8 * trainable
+    assert estimate.checkpointed_bytes_per_token == 2**18 and estimate.num_layers == 2
     assert estimate.budget_bytes == 105 * GIB and estimate.fits  # 4 + 8 GiB predicted, x1.15 + 1 <= 105

@@ -27,7 +27,8 @@ A summary line ends the output. --html FILE writes the same rows as one self-con
 spans in <span class="trained">, special tokens in <span class="special">.
 
 The rendered text is the row before tokenization: per turn <s>, the template's prompt ([INST] user
-[/INST]), the stripped answer, </s>; a trailing user turn is left out, as in fit. A single space joins
+[/INST]), the stripped answer, </s> (data.template=llama2-chat; `tokenization.rendered_segments` says it
+for each template); a trailing user turn is left out, as in fit. A single space joins
 <s> to the prompt and the prompt to the answer: the word boundary a Llama tokenizer puts at the start
 of each separately tokenized text, which decoding writes back. It is compared exactly with
 tokenizer.decode(ids) (special tokens kept, spaces not cleaned up); for a truncated row the decoded
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lima_lightning.data.conversations import Conversation
-from lima_lightning.data.tokenization import IGNORE_INDEX, encode_conversation, segment_texts, tokenize_for_training
+from lima_lightning.data.tokenization import IGNORE_INDEX, encode_conversation, rendered_segments, tokenize_for_training
 from lima_lightning.errors import UserError
 
 DEFAULT_ROWS = 3
@@ -168,16 +169,9 @@ def decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def fit_segments(conversation: Conversation, template: str) -> list[tuple[str, bool]]:
-    """(text, trained) of each segment fit tokenizes: a trailing user turn is dropped, as `encode_conversation` does."""
-    segments = list(segment_texts(conversation, template))
-    return segments[:-1] if conversation.ends_on_user else segments
-
-
 def rendered_text(conversation: Conversation, tokenizer, template: str) -> str:
-    """The row's text before tokenization, as the module docstring defines it."""
-    bos, eos = tokenizer.bos_token, tokenizer.eos_token
-    return "".join(f" {text}{eos}" if trained else f"{bos} {text}" for text, trained in fit_segments(conversation, template))
+    """The row's text before tokenization, as the module docstring defines it (`tokenization.rendered_segments`)."""
+    return "".join(text for text, _ in rendered_segments(conversation, tokenizer, template))
 
 
 def cut_character_tokens(ids: list[int], tokenizer) -> int:
@@ -220,7 +214,8 @@ def special_tokens_in_text(conversation: Conversation, tokenizer, template: str)
     The round trip cannot see these: the id decodes back to the same text. But fit then trains on an EOS (or
     BOS) the template never put there, and the model learns to stop in mid-answer.
     """
-    text = "".join(text for text, _ in fit_segments(conversation, template))
+    answered = conversation.turns[:-1] if conversation.ends_on_user else conversation.turns
+    text = "\n".join([conversation.system or "", *answered])  # the row's own text: templates write no special token as text
     return [
         token
         for token in tokenizer.all_special_tokens

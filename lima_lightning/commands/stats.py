@@ -58,7 +58,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--dataset",
         default=LIMA_HUB_ID,
-        help=f"As data.dataset: {LIMA_HUB_ID} (hub, gated: set HF_TOKEN), a local LIMA/chat-format file, or `synthetic`.",
+        help=f"As data.dataset: {LIMA_HUB_ID} (hub, gated: set HF_TOKEN), a local file (LIMA, chat, Alpaca or ShareGPT rows), "
+        "or `synthetic`.",
     )
     parser.add_argument(
         "--tokenizer",

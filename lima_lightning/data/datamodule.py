@@ -16,6 +16,7 @@ from lima_lightning.data.sources import LIMA_HUB_ID, load_conversations
 from lima_lightning.data.templates import TemplateName
 from lima_lightning.data.tokenization import TokenizationStats, prompts_for_generation, tokenize_for_training
 from lima_lightning.errors import UserError
+from lima_lightning.phases import PHASES
 
 
 class LIMADataModule(L.LightningDataModule):
@@ -37,11 +38,16 @@ class LIMADataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            dataset: Training conversations: `GAIR/lima` (hub, gated: set HF_TOKEN), a local
-                `.jsonl`/`.json`/`.parquet` file in LIMA format (`conversations`) or chat format
-                (`messages`), or `synthetic` (built-in tasks with exact answers; no download).
+            dataset: Training conversations: `GAIR/lima` (hub, gated: set HF_TOKEN), another hub dataset
+                holding `train.jsonl`, a local `.jsonl`/`.json`/`.parquet` file, or `synthetic` (built-in tasks
+                with exact answers; no download). Rows in LIMA (`conversations`: strings), chat (`messages`),
+                Alpaca (`instruction`, `input`, `output`) or ShareGPT (`conversations`: `from`/`value`) format,
+                one format per file (docs/data.md).
             tokenizer: Tokenizer to use; linked to `model.base_model`, so it is never set by hand.
-            template: Chat template wrapped around each user turn.
+            template: Chat template. `llama2-chat`: Meta's `<s>[INST] user [/INST] answer</s>` per exchange.
+                `lima`: the LIMA paper's plain style, `<s> user</s> answer</s> ...` (no role markers, `</s>` ends
+                every utterance). `tokenizer`: the base tokenizer's own chat_template. Each trains every answer and
+                one EOS after it, nothing else (`lima-lightning inspect` shows it).
             max_seq_length: Longer conversations are truncated (and counted); LIMA at 2048 keeps ~93% whole.
             batch_size: Conversations per training micro-batch (per device) with `batching: padded`.
             batching: How training micro-batches are formed (see `data/sampling.py`). `padded`: `batch_size`
@@ -99,12 +105,13 @@ class LIMADataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         from lima_lightning.models.loading import load_tokenizer
 
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        if stage in ("fit", "validate", "test") and self.train_dataset is None:
-            self._setup_training()
-        if stage == "predict" and self.predict_dataset is None:
-            self._setup_predict()
+        with PHASES.timed("data"):
+            if self.tokenizer is None:
+                self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+            if stage in ("fit", "validate", "test") and self.train_dataset is None:
+                self._setup_training()
+            if stage == "predict" and self.predict_dataset is None:
+                self._setup_predict()
 
     def _setup_training(self) -> None:
         hp = self.hparams
@@ -197,11 +204,14 @@ class LIMADataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, self._val_sampler())
 
     def _val_sampler(self) -> MicroBatchSampler:
-        """The validation conversations in order, `batch_size` per batch; under DDP each once (Masked padding)."""
-        trainer = self.trainer
+        """The validation conversations, one per row (each scored on its own), in the same order every time; under
+        DDP each once (Masked padding). Token-budget training batches: length-grouped here too (little padding)."""
+        hp, trainer = self.hparams, self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        batching = "padded" if hp.batching == "padded" else "length_grouped"
         lengths = [len(e["input_ids"]) for e in self.val_dataset]
-        return MicroBatchSampler(lengths, "padded", self.hparams.batch_size, shuffle=False, num_replicas=world_size, rank=rank)
+        budget = {"max_tokens": hp.max_tokens_per_batch, "row_tokens": hp.max_seq_length}
+        return MicroBatchSampler(lengths, batching, hp.batch_size, **budget, shuffle=False, num_replicas=world_size, rank=rank)
 
     def val_batch_rows(self, batch_idx: int) -> Batch | Masked:
         """The validation example indices of this rank's batch `batch_idx` (rows of one example)."""

@@ -154,7 +154,8 @@ class MicroBatchSampler(DistributedSampler):
             max_tokens: Token budget of a `length_grouped` or `packed` batch: rows x width never exceeds it.
             row_tokens: Longest row (`max_seq_length`); `packed` fills rows up to it.
             seed: Seed of the plan and of every epoch's order.
-            shuffle: False: the same order every epoch (validation): the examples in order, `padded` only.
+            shuffle: False: the same order every epoch (validation): `padded` in example order, `length_grouped` in
+                the plan's longest-first order.
             step_group: Micro-batches per optimizer step over all devices (world size x accumulate_grad_batches).
             num_replicas: Number of processes (`trainer.world_size`).
             rank: This process's global rank.
@@ -194,6 +195,8 @@ class MicroBatchSampler(DistributedSampler):
             order = epoch_permutation(len(self.lengths), self.seed, epoch) if self.shuffle_each_epoch else range(len(self.lengths))
             return padded_batches(list(order), self.batch_size)
         if self.batching == "length_grouped":
+            if not self.shuffle_each_epoch:
+                return list(self.plan)
             # The plan is longest first, so neighbours are batches of similar width and cost.
             return shuffle_in_step_groups(self.plan, self.step_group, _rng(self.seed, epoch))
         rows = list(self.plan)

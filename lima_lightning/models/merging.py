@@ -46,7 +46,9 @@ def merged_copy_fits(base, device: torch.device) -> tuple[bool, str]:
     """Whether a bf16 merged copy of `base` fits beside it with room left for generation (predict's `auto`)."""
     if device.type != "cuda":
         return True, "on the CPU host memory is not planned for"
-    total = torch.cuda.get_device_properties(device).total_memory
+    from lima_lightning.memory import budget_bytes
+
+    total = budget_bytes(device)  # --gpu_memory_gib, else the whole device
     # The copy is made while the loaded base is still allocated.
     need = torch.cuda.memory_allocated(device) + merged_weight_bytes(base, 2)
     verdict = need <= MERGE_AUTO_SHARE * total
@@ -76,7 +78,12 @@ def merge_into_base(base, adapter_path: str | None, base_name: str, dtype: torch
         # The replaced 4-bit weights sit in reference cycles: without a collection they stay allocated (3.1 GiB
         # for 7B, measured on the H200) and shrink what generation can use for KV caches.
         gc.collect()
+    # Cast the weights, not the buffers: RoPE's inv_freq is fp32 on purpose, and bf16 would shift every position.
+    buffers = {name: b for name, b in base.named_buffers() if b.dtype == torch.float32}
     model = base.to(dtype)
+    for name, buffer in buffers.items():
+        module_name, _, attr = name.rpartition(".")
+        model.get_submodule(module_name)._buffers[attr] = buffer  # keeps whether it is saved
     if adapter_path:
         # safe_merge checks the merged weights for NaN/inf before replacing the originals.
         model = load_adapter(model, adapter_path, base_name, trainable=False).merge_and_unload(safe_merge=True)

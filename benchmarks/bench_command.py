@@ -1,0 +1,133 @@
+"""Time from command to result: the shipped CLI, run as a user runs it, at the full GPU and at smaller budgets.
+
+    python benchmarks/bench_command.py --model /tmp/llama2-7b-random --lima .gpu/lima --out $OUT/bench_command.json \
+        --runs qlora@141,qlora@24,predict-qlora@141,predict-qlora@24
+
+Each run is one `lima-lightning` process started from scratch (`python -m lima_lightning ...`), so its wall time is
+what a user waits: imports, data, loading and quantizing, the memory probe, compiling, training, validation and
+samples, checkpoints, saving. RUN@GIB runs it under `--gpu_memory_gib GIB` (an H200 standing in for a smaller
+card); full 3-epoch fits unless `--max-steps` says otherwise. Per run it records the wall time, the phase split
+the command writes (`phases.json`), steady-state tokens/s (the median of `train/tokens_per_sec` after the first
+`--skip-steps` optimizer steps), the peak memory (`train/peak_memory_gib`), the checkpointing plan it logged, the
+last losses, and for predict the generation time, prompts and tokens. Rows are written to --out after every run.
+
+Runs (configs/*.yaml with the local model and data):
+    qlora, lora, lowmem          fit with configs/llama2-7b-{qlora,lora,qlora-lowmem}.yaml
+    predict-qlora, predict-lora  predict the 300 LIMA test prompts with configs/predict.yaml over that config, with
+                                 the adapter of the last fit of the same method (the base model alone if none ran)
+`--extra` adds options to every command (the CPU rehearsal: `--extra "--trainer.accelerator cpu ..."`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIT_CONFIGS = {"qlora": "llama2-7b-qlora.yaml", "lora": "llama2-7b-lora.yaml", "lowmem": "llama2-7b-qlora-lowmem.yaml"}
+PLAN_LINE = re.compile(r"model\.gradient_checkpointing=auto -> (.*)")
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def newest_run_dir(root: Path) -> Path | None:
+    runs = sorted((root / "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime)
+    return runs[-1] if runs else None
+
+
+def command(run: str, budget: float, args, adapters: dict[str, str], root: Path) -> list[str]:
+    method = run.removeprefix("predict-")
+    config = REPO / "configs" / FIT_CONFIGS[method]
+    common = ["--config", str(config), "--model.base_model", args.model, "--trainer.default_root_dir", str(root)]
+    common += ["--gpu_memory_gib", str(budget), "--trainer.enable_progress_bar", "false"]
+    if run.startswith("predict-"):
+        adapter = ["--model.adapter_path", adapters[method]] if method in adapters else []
+        prompts = ["--data.predict_dataset", f"{args.lima}/test.jsonl"]
+        return ["predict", *common, "--config", str(REPO / "configs/predict.yaml"), *prompts, *adapter, *args.extra.split()]
+    steps = ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
+    return ["fit", *common, "--data.dataset", f"{args.lima}/train.jsonl", *steps, *args.extra.split()]
+
+
+def summarize(run: str, budget: float, run_dir: Path | None, output: str, wall: float, status: int, args) -> dict:
+    row: dict = {"run": run, "budget_gib": budget, "wall_s": round(wall, 1), "exit": status}
+    plan = PLAN_LINE.findall(output)
+    if plan:
+        row["checkpointing_plan"] = plan[-1]
+    if status != 0:
+        row["error"] = output.strip().splitlines()[-1][:300] if output.strip() else ""
+    if run_dir is None:
+        return row
+    phases = run_dir / "phases.json"
+    if phases.is_file():
+        row["phases_s"] = json.loads(phases.read_text())["seconds"]
+    if run.startswith("predict-"):
+        predictions = run_dir / "predictions.jsonl"
+        if predictions.is_file():
+            rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+            row.update(prompts=len(rows), new_tokens=sum(r["new_tokens"] for r in rows), eos=sum(r["finish_reason"] == "eos" for r in rows))
+        return row
+    speeds = [v for step, v in scalars(run_dir, "train/tokens_per_sec") if step >= args.skip_steps]
+    peaks = [v for _, v in scalars(run_dir, "train/peak_memory_gib")]
+    losses = scalars(run_dir, "train/loss")
+    val = scalars(run_dir, "val/loss")
+    row.update(
+        steady_tokens_per_s=round(statistics.median(speeds)) if speeds else None,
+        peak_gib=round(max(peaks), 2) if peaks else None,
+        steps=losses[-1][0] + 1 if losses else 0,
+        last_train_loss=round(losses[-1][1], 4) if losses else None,
+        last_val_loss=round(val[-1][1], 4) if val else None,
+        adapter=str(run_dir / "adapters/final") if (run_dir / "adapters/final/adapter_model.safetensors").is_file() else None,
+    )
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a local Llama-2-7B-shaped model directory")
+    parser.add_argument("--lima", required=True, help="a directory holding LIMA's train.jsonl and test.jsonl")
+    parser.add_argument("--runs", required=True, help="comma-separated RUN@GIB, e.g. qlora@141,qlora@24,predict-qlora@24")
+    parser.add_argument("--out", required=True, help="JSON file for the rows (rewritten after every run)")
+    parser.add_argument("--root", default="/tmp/bench_command", help="where the runs' directories go")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop each fit after this many optimizer steps (0: all epochs)")
+    parser.add_argument("--skip-steps", type=int, default=5, help="optimizer steps left out of the steady-state tokens/s")
+    parser.add_argument("--timeout", type=float, default=560, help="seconds a run may take before it is stopped")
+    parser.add_argument("--extra", default="", help="options added to every command, e.g. for a CPU rehearsal")
+    args = parser.parse_args(argv)
+    rows: list[dict] = []
+    adapters: dict[str, str] = {}
+    for spec in args.runs.split(","):
+        run, _, gib = spec.partition("@")
+        budget = float(gib or 141)
+        root = Path(args.root) / f"{run}-{gib or 'full'}"
+        cli = [sys.executable, "-m", "lima_lightning", *command(run, budget, args, adapters, root)]
+        print(f"== {spec}: {' '.join(cli[2:])}", flush=True)
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=args.timeout, env=os.environ)
+            output, status = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            output, status = f"{e.stdout or ''}{e.stderr or ''}\nstopped after {args.timeout} s", -9
+        row = summarize(run, budget, newest_run_dir(root), output, time.perf_counter() - started, status, args)
+        if row.get("adapter") and not run.startswith("predict-"):
+            adapters[run] = row["adapter"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        print("\n".join(line for line in output.splitlines() if " took " in line or "auto ->" in line or "error" in line.lower())[-2000:])
+        Path(args.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

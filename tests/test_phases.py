@@ -1,0 +1,68 @@
+"""Time from command to result: the phase clock's accounting, and the split fit and predict print and save."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lima_lightning import phases
+from lima_lightning.phases import PhaseClock
+from tests.conftest import demo_args, run_cli
+
+
+def test_nested_phases_and_compiles_are_counted_once(monkeypatch):
+    clock_now = {"wall": 0.0, "compile": 0.0}
+    monkeypatch.setattr(phases.time, "perf_counter", lambda: clock_now["wall"])
+    monkeypatch.setattr(phases, "compile_seconds", lambda: clock_now["compile"])
+
+    def spend(seconds: float, compiling: float = 0.0) -> None:  # wall time passes; part of it compiling
+        clock_now["wall"] += seconds
+        clock_now["compile"] += compiling
+
+    clock = PhaseClock()
+    with clock.timed("train"):
+        spend(5.0, compiling=2.0)  # a step that compiled for 2 s
+        with clock.timed("checkpoints"):
+            spend(3.0, compiling=1.0)
+        spend(1.0)
+    assert clock.seconds["checkpoints"] == pytest.approx(2.0)
+    assert clock.seconds["train"] == pytest.approx(4.0)  # 9 s, less the checkpoint's 3 and its own 2 of compiling
+    assert clock.seconds["compile"] == pytest.approx(3.0)
+    assert sum(clock.seconds.values()) == pytest.approx(9.0)  # every second counted once
+
+
+@pytest.mark.slow
+def test_fit_and_predict_end_with_their_time_split(tmp_path, caplog):
+    fit = run_cli("fit", *demo_args(tmp_path, "--trainer.max_epochs", "1", "--trainer.max_steps", "4"))
+    run_dir = Path(fit.trainer.log_dir)
+    split = json.loads((run_dir / "phases.json").read_text())
+    assert split["command"] == "fit"
+    seconds = split["seconds"]
+    assert {"startup", "data", "load", "train", "final save"} <= seconds.keys()
+    assert seconds["total"] == pytest.approx(sum(v for k, v in seconds.items() if k != "total"), abs=0.05)
+    assert any(r.getMessage().startswith("fit took ") and "train " in r.getMessage() for r in caplog.records)
+    predict = run_cli("predict", *demo_args(tmp_path, "--model.adapter_path", str(run_dir / "adapters/final")))
+    predicted = json.loads((Path(predict.trainer.log_dir) / "phases.json").read_text())
+    assert predicted["command"] == "predict" and {"load", "generate"} <= predicted["seconds"].keys()
+
+
+@pytest.mark.slow
+def test_predict_shows_prompts_and_tokens_as_they_are_generated(tmp_path, capsys):
+    from lima_lightning.progress import GenerationProgress
+
+    fit = run_cli("fit", *demo_args(tmp_path, "--trainer.max_steps", "2", "--trainer.max_epochs", "1", "--samples.num_prompts", "0"))
+    adapter = str(Path(fit.trainer.log_dir) / "adapters/final")
+    counts = []
+    original = GenerationProgress.tokens
+    GenerationProgress.tokens = lambda self, n: (counts.append(n), original(self, n))[1]
+    try:
+        shown = ("--trainer.enable_progress_bar", "true", "--data.predict_batch_size", "8", "--model.generation.max_new_tokens", "6")
+        predict = run_cli("predict", *demo_args(tmp_path, "--model.adapter_path", adapter, *shown))
+    finally:
+        GenerationProgress.tokens = original
+    rows = [json.loads(line) for line in (Path(predict.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
+    assert sum(counts) == sum(r["new_tokens"] for r in rows)  # every generated token counted once, EOS included
+    err = capsys.readouterr().err
+    assert f"{len(rows)}/{len(rows)}" in err and f"{sum(counts):,} tokens" in err and "prompt" in err

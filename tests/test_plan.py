@@ -1,0 +1,81 @@
+"""`lima-lightning plan`: the memory plan from a configuration alone, checked against peaks measured on an H200."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lima_lightning.cli import main
+from tests.conftest import REPO
+
+# Peaks measured on an H200 (benchmarks/RESULTS.md, "Memory model"): Llama-2-7B shape, r=64, LIMA.
+MEASURED_PEAKS_GIB = [
+    ("llama2-7b-qlora.yaml", ["--model.gradient_checkpointing", "false", "--model.compile", "false"], 67.55),
+    ("llama2-7b-qlora.yaml", ["--model.gradient_checkpointing", "false"], 58.10),  # compiled
+    ("llama2-7b-qlora.yaml", ["--model.gradient_checkpointing", "true", "--model.compile", "false"], 10.74),
+    ("llama2-7b-lora.yaml", ["--model.gradient_checkpointing", "false", "--model.compile", "false"], 76.20),
+    ("llama2-7b-lora.yaml", ["--model.gradient_checkpointing", "false"], 66.89),
+    ("llama2-7b-qlora-lowmem.yaml", [], 5.61),
+    ("llama2-7b-qlora-lowmem.yaml", ["--model.compile", "false"], 5.46),
+]
+
+
+@pytest.fixture(scope="module")
+def llama2_7b_config(tmp_path_factory):
+    """Llama-2-7B's config.json alone: plan reads the shapes, never weights."""
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("llama2-7b-config")
+    shape = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000}
+    LlamaConfig(**shape).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("plan loaded weights")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def plan_json(capsys, config: str, model_dir, *extra: str) -> dict:
+    main(["plan", "--config", str(REPO / "configs" / config), "--model.base_model", str(model_dir), "--json", *extra])
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("config, overrides, measured", MEASURED_PEAKS_GIB, ids=lambda v: str(v))
+def test_predicted_peaks_are_within_10_percent_of_the_measured_ones(capsys, llama2_7b_config, no_weights, config, overrides, measured):
+    plan = plan_json(capsys, config, llama2_7b_config, "--gpu_memory_gib", "141", *overrides)
+    assert {"peak_gib", "checkpointed_layers", "fits"} <= plan.keys() and plan["fits"]
+    assert plan["peak_gib"] == pytest.approx(measured, rel=0.10)
+
+
+def test_a_smaller_budget_checkpoints_more_layers_until_nothing_fits(capsys, llama2_7b_config, no_weights):
+    layers = [plan_json(capsys, "llama2-7b-qlora.yaml", llama2_7b_config, "--gpu_memory_gib", str(gib)) for gib in (141, 80, 40, 24, 8)]
+    assert [p["checkpointed_layers"] for p in layers] == sorted(p["checkpointed_layers"] for p in layers)
+    assert layers[0]["checkpointed_layers"] == 0 and 0 < layers[3]["checkpointed_layers"] < 32
+    assert all(p["fits"] and p["peak_gib"] <= p["budget_gib"] for p in layers[:4])
+    assert not layers[4]["fits"] and layers[4]["checkpointed_layers"] == 32
+
+
+def test_the_text_plan_says_what_would_fit(capsys, llama2_7b_config, no_weights):
+    def plan_text(gib: str) -> str:
+        config = str(REPO / "configs/llama2-7b-qlora.yaml")
+        main(["plan", "--config", config, "--model.base_model", str(llama2_7b_config), "--gpu_memory_gib", gib])
+        return capsys.readouterr().out
+
+    out = plan_text("12")  # 8192-token micro-batches do not fit, 6144-token ones with every layer checkpointed do
+    assert "does NOT fit" in out and "--data.max_tokens_per_batch 6144" in out and "configs/llama2-7b-qlora-lowmem.yaml" in out
+    assert "--data.max_tokens_per_batch" not in plan_text("8") and "lowmem" in plan_text("8")  # only the memory mode is left
+    out = plan_text("80")
+    assert "checkpointing 0 of 32 decoder layers" in out and "14,818 tokens/s" in out and "LIMA epoch" in out
+
+
+def test_plan_runs_on_the_demo_config_in_seconds(capsys, no_weights):
+    main(["plan", "--config", str(REPO / "configs/demo.yaml")])  # no GPU here: the common card sizes
+    out = capsys.readouterr().out
+    assert out.count("GiB budget") == 4 and "fits" in out
