@@ -156,17 +156,17 @@ def test_gpu_config_without_a_gpu_is_one_line_with_the_fix(config, tmp_path, cap
 # ----------------------------------------------------------------------------- unknown command
 @pytest.mark.parametrize("typed, nearest", [("fitt", "fit"), ("stat", "stats"), ("predcit", "predict"), ("xyzzy", None)])
 def test_unknown_command_is_one_line_with_the_nearest_and_the_list(typed, nearest, capsys):
-    from lima_lightning.cli import main
+    from lima_lightning.cli import LIGHTNING_COMMANDS, TOOL_COMMANDS, main
 
     with pytest.raises(SystemExit) as exit_info:
         main([typed, "--config", "x.yaml"])
     assert exit_info.value.code == 2
     line = last_err_line(capsys)
     guess = f"did you mean `lima-lightning {nearest}`? " if nearest else ""
-    assert line == (
-        f"lima-lightning: error: unknown command '{typed}'; {guess}commands: fit, validate, test, predict, stats, report, export, "
-        "inspect (`lima-lightning COMMAND --help` for each)"
-    )
+    commands = ", ".join([*LIGHTNING_COMMANDS, *TOOL_COMMANDS])
+    assert commands.startswith("fit, validate, test, predict, stats, report, export, inspect")
+    help_hint = "(`lima-lightning COMMAND --help` for each)"
+    assert line == f"lima-lightning: error: unknown command '{typed}'; {guess}commands: {commands} {help_hint}"
 
 
 # ----------------------------------------------------------------------------- CUDA out of memory
