@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -14,6 +15,7 @@ from lima_lightning.data.sampling import Masked
 from lima_lightning.data.tokenization import prompts_for_generation
 from lima_lightning.distributed import gather_adapter_state, gather_rows, is_fsdp
 from lima_lightning.errors import NonFiniteLossError
+from lima_lightning.failures import oom_line
 from lima_lightning.io import append_jsonl, write_dir_atomically, write_jsonl_atomically
 from lima_lightning.phases import PHASES
 
@@ -74,6 +76,7 @@ class SaveAdapters(Callback):
         """
         self.every_epoch = every_epoch
         self.epochs = None if epochs is None else set(epochs)
+        self._updating: int | None = None
 
     # Not rank_zero_only: every rank runs these hooks, so that FSDP can gather the sharded adapter; rank 0 writes.
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -86,15 +89,44 @@ class SaveAdapters(Callback):
             path = save_adapter_once(trainer, pl_module, runs.FINAL_ADAPTER)
         rank_zero_info(f"adapter saved to {path}")
 
+    # --- failures: the weights' last good state on a NaN loss or a CUDA out-of-memory (failures.py prints the line) ---
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._updating = trainer.global_step  # until the step is counted, the optimizer may have changed some weights
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._updating = None
+
     @rank_zero_only
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        # The non-finite loss was caught before the optimizer step, so the weights are still the last good ones.
         # Not under FSDP: rank 0 holds only a shard, and gathering needs every rank, which an exception may have left.
-        if isinstance(exception, NonFiniteLossError) and pl_module.model is not None and not is_fsdp(trainer.strategy):
+        if pl_module.model is None or is_fsdp(trainer.strategy):
+            return
+        if isinstance(exception, NonFiniteLossError):
+            # The non-finite loss was caught before the optimizer step, so the weights are still the last good ones.
             path = save_adapter(pl_module, runs.adapter_dir(runs.run_dir(trainer), runs.LAST_GOOD_ADAPTER))
             rank_zero_info(f"last good adapter saved to {path}")
             # The CLI prints the error as one line: it should say where to pick up from.
             exception.args = (f"{exception}; the last good adapter is in {path}",)
+        elif isinstance(exception, torch.cuda.OutOfMemoryError) and trainer.state.fn == "fit":
+            exception.lima_line = oom_line(exception, trainer, pl_module, self._keep_after_oom(trainer, pl_module))
+
+    def _keep_after_oom(self, trainer, pl_module) -> str:
+        """Save `adapters/last-good` if the weights are those of the last completed step; say what was kept."""
+        checkpoint = runs.checkpoint_dir(runs.run_dir(trainer)) / runs.LAST_CHECKPOINT
+        resume = f"; {checkpoint} resumes" if checkpoint.is_file() else ""
+        if getattr(self, "_updating", None) is not None:
+            # An OOM inside optimizer.step can leave some tensors updated and others not (8-bit optimizers update one
+            # tensor at a time; AdamW's moments are updated before the weights): nothing in memory is trustworthy.
+            return f"it ran out inside the optimizer update of step {trainer.global_step + 1}, so no adapter was saved{resume}"
+        if trainer.global_step == 0:
+            return "nothing was trained yet"
+        try:
+            path = save_adapter(pl_module, runs.adapter_dir(runs.run_dir(trainer), runs.LAST_GOOD_ADAPTER))
+        except Exception as e:
+            return f"saving the last good adapter failed too ({type(e).__name__}: {str(e)[:80]}){resume}"
+        return f"the last good adapter (after step {trainer.global_step}) is in {path}"
+
+    # --- end failures ---
 
 
 class SampleGenerations(Callback):

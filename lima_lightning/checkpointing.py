@@ -10,7 +10,13 @@
   with `strict=False` onto a freshly loaded base; these refuse one trained on another base model or
   with another adapter layout, naming the options, instead of loading what happens to match.
 - `resolve_resume`: `--ckpt_path last` finds the newest `last.ckpt` of the run dirs under
-  `trainer.default_root_dir`, and the resumed run logs into that same run dir.
+  `trainer.default_root_dir`, and the resumed run logs into that same run dir; `check_not_finished` stops a
+  resume of a run that has nothing left to train, in one line.
+- Preemption (`ResumableCheckpoint`, during fit): on SIGTERM or Ctrl-C (and, under SLURM with auto-requeue, its
+  requeue signal, SIGUSR1) the current optimizer step is finished, `last.ckpt` is written for the position after
+  it, exactly as the periodic checkpoint would be, and the run stops with `failures.Preempted` (one line naming
+  the command that resumes; exit status 128 + the signal). At an epoch's last step the epoch is finished first
+  (validation, its adapter, its checkpoint). A second Ctrl-C stops at once, without a new checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import os
 import pickle
 import random
 import re
+import signal
+import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +38,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lima_lightning import runs
 from lima_lightning.errors import UserError
+from lima_lightning.failures import Preempted, RunFinished
+from lima_lightning.io import write_file_atomically
 
 RNG_KEY = "lima_rng_states"
 # What `--ckpt_path` must match for a resume; shapes are checked too (they catch most of these anyway).
@@ -39,18 +50,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Write `<dir>/.<name>.tmp-<pid>`, fsync, rename over `<dir>/<name>`; read with `weights_only=True`."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with tmp.open("wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never a part
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # A full disk part-way through is a WriteError naming the path (torch itself says only "unexpected pos").
+        write_file_atomically(Path(path), lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
         # Always weights_only, whatever the caller asks: a checkpoint is data, and unpickling runs code.
@@ -119,6 +120,13 @@ class ResumableCheckpoint(ModelCheckpoint):
             dirpath=dirpath, save_last=save_last, save_top_k=0, every_n_train_steps=every_n_train_steps, enable_version_counter=False
         )
         self._rng_to_restore: dict[str, Any] | None = None
+        self._signal: int | None = None  # the stop signal received, until acted on
+        self._requeue = False  # the signal was SLURM's requeue signal
+        self._pending: Preempted | None = None  # raised at the next hook: the checkpoint is written
+        self._stop_at_epoch_end: int | None = None
+        self._step_seen = 0
+        self._handlers: dict[int, Any] = {}
+        self._trainer = None
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         from lima_lightning.phases import PHASES
@@ -132,6 +140,97 @@ class ResumableCheckpoint(ModelCheckpoint):
         # step, and there is no top-k here (save_top_k=0): write it, unless this step was just saved.
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self._stop_at_epoch_end is not None and not self._training_ends(trainer, epoch_end=True):
+            self._stop(trainer, self._stop_at_epoch_end, written=self._last_path())
+
+    # ----------------------------------------------------------------------------- preemption
+    def _install_stop_handlers(self, trainer) -> None:
+        """Replace Lightning's SIGTERM handler (which stops mid-step, with no checkpoint) and Ctrl-C's KeyboardInterrupt."""
+        self._trainer, self._signal, self._pending, self._stop_at_epoch_end = trainer, None, None, None
+        self._step_seen = trainer.global_step
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signals = [signal.SIGTERM, signal.SIGINT]
+        requeue = _slurm_requeue_signal(trainer)
+        if requeue is not None:
+            signals.append(requeue)
+        for signum in signals:
+            self._handlers[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    def _restore_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._handlers = {}
+
+    def _on_signal(self, signum: int, frame) -> None:
+        # No printing here: the interrupted code may hold stdout's lock. Act at the next optimizer-step boundary.
+        if self._signal is not None and signum == signal.SIGINT:
+            trainer = self._trainer
+            self._restore_handlers()
+            raise Preempted(
+                signum, trainer.global_step, trainer.current_epoch, None, note=" (Ctrl-C twice: stopped at once, nothing saved)"
+            )
+        if self._signal is None:
+            self._signal = signum
+            self._requeue = signum not in (signal.SIGTERM, signal.SIGINT)
+
+    def _stop_requested(self, trainer) -> int | None:
+        """The signal to stop for, decided at a step boundary, the same on every rank (any rank's signal stops all)."""
+        if trainer.global_step == self._step_seen:  # mid-accumulation: the step's other micro-batches come first
+            return None
+        self._step_seen = trainer.global_step
+        flag = self._signal is not None
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce_boolean_decision(flag, all=False)
+        return (self._signal or signal.SIGTERM) if flag else None
+
+    def _training_ends(self, trainer, epoch_end: bool) -> bool:
+        """Whether training ends now anyway (max_steps, or the last epoch's end): then it just finishes."""
+        if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+            return True
+        return epoch_end and trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+
+    def _last_path(self) -> Path | None:
+        return Path(self.last_model_path) if self.save_last and self.last_model_path else None
+
+    def _stop(self, trainer, signum: int, written: Path | None) -> None:
+        self._restore_handlers()
+        note = "" if written is not None else " (checkpoint.save_last is off: no checkpoint written)"
+        if self._requeue and trainer.is_global_zero:
+            note += _requeue_slurm_job()
+        raise Preempted(signum, trainer.global_step, trainer.current_epoch, written, note=note)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        signum = self._stop_requested(trainer)
+        if signum is None or self._training_ends(trainer, epoch_end=False):
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._stop_at_epoch_end = signum  # finish the epoch: validation, its adapter and its checkpoint
+            return
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # as the periodic save does here
+        # Raised at the next hook, once Lightning has logged this step's metrics (the resumed run starts after them).
+        try:
+            self._stop(trainer, signum, self._last_path())
+        except Preempted as e:
+            self._pending = e
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is not None:
+            raise self._pending
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._pending is not None and trainer.state.fn == "fit":
+            raise self._pending
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handlers()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         # Metrics logged so far reach disk before the checkpoint does: a resumed run never leaves a gap.
@@ -143,11 +242,55 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._rng_to_restore = checkpoint.get(RNG_KEY)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        # After Lightning registered its own signal handlers (which this replaces until training ends).
+        self._install_stop_handlers(trainer)
         # As late as possible: model loading, LoRA init and dataloader set-up between the restore and here
         # draw random numbers that the original run drew before it saved.
         if self._rng_to_restore is not None:
             set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
+
+
+def _slurm_requeue_signal(trainer) -> int | None:
+    """SLURM's requeue signal (SIGUSR1 unless configured) when Lightning runs under SLURM with auto-requeue."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    environment = trainer._accelerator_connector.cluster_environment
+    if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+        return environment.requeue_signal or signal.SIGUSR1
+    return None
+
+
+def _requeue_slurm_job() -> str:
+    """`scontrol requeue` this job (what Lightning's own SIGUSR1 handler does), after last.ckpt is written."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID", "")
+    if not re.fullmatch(r"[0-9_]+", job):
+        return f"; not requeued: SLURM_JOB_ID={job!r}"
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"; scontrol requeue {job} failed ({type(e).__name__}): resubmit the job"
+    if result.returncode != 0:
+        return f"; scontrol requeue {job} failed ({(result.stderr or result.stdout).strip()[:80]}): resubmit the job"
+    return f"; SLURM job {job} requeued (its command must end with --ckpt_path last)"
+
+
+def check_not_finished(checkpoint: dict[str, Any], trainer_config, ckpt_path: str) -> None:
+    """`fit --ckpt_path` of a checkpoint taken where this config's training ends: RunFinished (one line, exit 0)."""
+    path = Path(ckpt_path)
+    where = f"the run in {runs.run_of_checkpoint(path)}" if path.parent.name == runs.CHECKPOINTS_DIR else f"the run of {path}"
+    step = int(checkpoint.get("global_step", 0))
+    max_steps = trainer_config.get("max_steps")
+    max_epochs = trainer_config.get("max_epochs")
+    if max_steps not in (None, -1) and step >= max_steps:
+        raise RunFinished(f"{where} is finished (step {step} of {max_steps}); to train longer raise --trainer.max_steps")
+    if max_epochs is None and max_steps in (None, -1):
+        max_epochs = 1000  # Lightning's default
+    position = (checkpoint.get("LIMADataModule") or {}).get("train_position") or {}
+    epochs_done = position.get("epoch") if position.get("batches") == 0 else None
+    if max_epochs not in (None, -1) and epochs_done is not None and epochs_done >= max_epochs:
+        raise RunFinished(f"{where} is finished (epoch {epochs_done} of {max_epochs}); to train longer raise --trainer.max_epochs")
 
 
 def adapter_differences(saved: dict[str, Any], current) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from lima_lightning.errors import CheckFailed, UserError
+from lima_lightning.errors import UserError
 
 LIGHTNING = "lightning"  # the target of a Trainer subcommand
 
@@ -67,9 +67,9 @@ def renamed_option_hint(message: str) -> str | None:
 
 
 def fail(error: UserError) -> None:
-    """A user's mistake: one line on stderr, exit status 2, no traceback."""
+    """A user's mistake: one line on stderr, exit status 2 (1 for `Unavailable`), no traceback."""
     print(f"lima-lightning: error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(error.exit_status)
 
 
 def cli_main(args: list[str] | None = None):
@@ -85,10 +85,13 @@ def cli_main(args: list[str] | None = None):
 
     console.after_lightning_import()
     console.choose_matmul_precision()
+    from lima_lightning import failures
+
     try:
         return trainer_cli.run(args)
-    except UserError as e:
-        fail(e)
+    except BaseException as e:
+        failures.exit_for(e, failures.cli_argv(args))  # one line and exit, for anything a user can cause or meet
+        raise  # a bug: its traceback
 
 
 def parse_fit_config(args: list[str]):
@@ -126,7 +129,12 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"lima-lightning {__version__}")
         return
-    target = COMMANDS.get(argv[0], (LIGHTNING, ""))[0]  # not a command: LightningCLI names the valid ones
+    if not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        from lima_lightning import failures
+
+        print(failures.unknown_command_line(argv[0], list(COMMANDS)), file=sys.stderr)
+        sys.exit(2)
+    target = COMMANDS.get(argv[0], (LIGHTNING, ""))[0]
     if target == LIGHTNING:
         cli_main(argv)
         return
@@ -135,8 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     console.setup()
     try:
         importlib.import_module(target).main(argv[1:])
-    except UserError as e:
-        fail(e)
-    except CheckFailed as e:
-        print(f"lima-lightning: check failed: {e}", file=sys.stderr)
-        sys.exit(1)
+    except BaseException as e:
+        from lima_lightning import failures
+
+        failures.exit_for(e, argv)  # UserError, CheckFailed, a full disk, ...: one line
+        raise

@@ -1,8 +1,16 @@
-"""The one exception type for a user's mistake: the CLI prints it as one line, no traceback."""
+"""The exception types the CLI prints as one line, no traceback: a user's mistake (exit 2), or what is unavailable (exit 1)."""
 
 
 class UserError(Exception):
     """Bad input or configuration. The message names the option or file:line, the value and the fix."""
+
+    exit_status = 2
+
+
+class Unavailable(UserError):
+    """Something outside the input failed (the hub is out of reach, the disk is full): one line, exit status 1."""
+
+    exit_status = 1
 
 
 class NonFiniteLossError(UserError):

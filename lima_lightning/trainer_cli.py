@@ -22,9 +22,16 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lima_lightning import console
+from lima_lightning import console, failures
 from lima_lightning.callbacks import PredictionWriter, SampleGenerations, SaveAdapters, ValidationWriter
-from lima_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, check_resume_config, load_checkpoint_file, resolve_resume
+from lima_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    ResumableCheckpoint,
+    check_not_finished,
+    check_resume_config,
+    load_checkpoint_file,
+    resolve_resume,
+)
 from lima_lightning.cli import COMMANDS, LIGHTNING, fail, renamed_option_hint
 from lima_lightning.data.datamodule import LIMADataModule
 from lima_lightning.distributed import is_fsdp
@@ -260,7 +267,10 @@ class LimaCLI(LightningCLI):
         return parser
 
     def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
+        # Lightning's refusals of the Trainer options (no GPU for a GPU config, ...) are one line (failures.py).
+        with failures.trainer_config_errors(self._get(self.config, "trainer", {}).get("accelerator")):
+            trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(failures.TidyFailedRun())  # a run that fails before training leaves no run dir
         # Atomic checkpoint writes and weights_only reads, unless a plugin chose another CheckpointIO.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -294,6 +304,8 @@ class LimaCLI(LightningCLI):
             checkpoint = load_checkpoint_file(config.ckpt_path, mmap=True)
             check_resume_config(checkpoint.get("hyper_parameters", {}), config.model, config.ckpt_path)
             rank_zero_info(f"--ckpt_path: {config.ckpt_path} (epoch {checkpoint['epoch']}, step {checkpoint['global_step']})")
+            if subcommand == "fit":
+                check_not_finished(checkpoint, config.trainer, config.ckpt_path)  # RunFinished: one line, exit 0
             if version is not None and subcommand == "fit":
                 self._resume_in = (version, int(checkpoint["global_step"]))
 
@@ -304,6 +316,7 @@ class LimaCLI(LightningCLI):
         if self._resume_in is not None and type(logger) is TensorBoardLogger:
             version, step = self._resume_in
             self.trainer.logger = TensorBoardLogger(logger.save_dir, name=logger.name, version=version, purge_step=step)
+        self.trainer.lima_resumed_run = self._resume_in is not None  # failures.TidyFailedRun never removes its dir
 
     def after_fit(self) -> None:
         # What was reached, where the adapter is, and the exact commands that use it (rank 0 only).

@@ -19,9 +19,14 @@ def scalars(run_dir: Path, tag: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_fit(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    cli = run_cli("fit", *demo_args(root, "--trainer.max_epochs", "2"))
+    return run_cli("fit", *demo_args(root, "--trainer.max_epochs", "2")), root
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_fit):
+    cli, root = demo_fit
     return Path(cli.trainer.log_dir), root
 
 
@@ -67,17 +72,24 @@ def test_predict_writes_predictions_in_input_order(demo_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_adapter_reloads_in_plain_peft_with_equal_logits(demo_run, tiny_dir):
+def test_adapter_reloads_in_plain_peft_with_equal_logits(demo_fit, tiny_dir):
+    """The saved adapter against the weights fit trained, still in memory (not against itself reloaded by validate):
+    tensor for tensor, then logits through plain PEFT."""
     from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    run_dir, root = demo_run
-    cli = run_cli("validate", *demo_args(root, "--model.adapter_path", str(run_dir / "adapters/final")))
-    module = cli.model.eval()
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), run_dir / "adapters/final").eval()
+    cli, _ = demo_fit
+    adapter = Path(cli.trainer.log_dir) / "adapters/final"
+    trained = cli.model.eval()
+    in_memory = {n.removeprefix("model.").replace(".default", ""): p for n, p in trained.named_parameters() if p.requires_grad}
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert saved.keys() == in_memory.keys()
+    assert all(torch.equal(saved[name], in_memory[name].detach()) for name in saved)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), adapter).eval()
     input_ids = torch.randint(3, 300, (2, 17))
     with torch.no_grad():
-        torch.testing.assert_close(module.model(input_ids=input_ids).logits, plain(input_ids=input_ids).logits)
+        torch.testing.assert_close(trained.model(input_ids=input_ids).logits, plain(input_ids=input_ids).logits)
 
 
 @pytest.mark.slow

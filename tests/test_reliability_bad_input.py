@@ -41,6 +41,31 @@ BAD_DATA = {
         ":1: messages[1] has role 'user' where 'assistant' was expected",
         "'user' and 'assistant' alternating",
     ),
+    # A chat turn is validated like a LIMA turn (`content` here, a `conversations` item there).
+    "empty_content": (
+        "d.jsonl",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \n"}]}) + "\n",
+        ":1: messages[1].content is empty",
+        "expected a non-empty string",
+    ),
+    "number_content": (
+        "d.jsonl",
+        json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "yo"}]}) + "\n",
+        ":1: messages[0].content is a number",
+        "expected a non-empty string",
+    ),
+    "list_content": (
+        "d.jsonl",
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}) + "\n",
+        ":1: messages[0].content is an array",
+        "expected a non-empty string",
+    ),
+    "null_content": (
+        "d.jsonl",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]}) + "\n",
+        ":1: messages[1].content is null",
+        "expected a non-empty string",
+    ),
     "empty_file": ("d.jsonl", "\n", ": the file has no rows", "expected {"),
     "json_not_a_list": ("d.json", '{"conversations": ["hi", "yo"]}', ": top level is an object", "expected a JSON list"),
     "all_dropped": (

@@ -1,7 +1,9 @@
-"""Exact resume: a run killed with SIGKILL mid-epoch and resumed from its checkpoint ends bit-identical on CPU."""
+"""Exact resume: a run killed with SIGKILL mid-epoch, or stopped by SIGTERM / Ctrl-C / SLURM's requeue signal, and
+resumed from its checkpoint ends bit-identical on CPU."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
@@ -209,3 +211,113 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_and_the_loader_skips_what_w
     iterator = iter(loader_of(late))
     late.resume_at(2, 3)
     assert list(iterator) == batches(2)[3:]
+
+
+# ----------------------------------------------------------------------------- preemption: SIGTERM, Ctrl-C, SLURM
+@pytest.fixture(scope="module")
+def terminated(tmp_path_factory, tiny_dir) -> tuple[Path, int, str]:
+    """The same run in a real process, sent SIGTERM in the middle of step 12 (13 steps done when it stops)."""
+    root = tmp_path_factory.mktemp("terminated")
+    marker = root / "paused"
+    pause = ("--trainer.callbacks+=tests.reliability_helpers.PauseAtStep", "--trainer.callbacks.step", "12")
+    process = lima_subprocess("fit", *demo_args(root, *SMALL), *pause, "--trainer.callbacks.marker", str(marker))
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run never reached step 12"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=240)
+    return root, process.returncode, err
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_the_current_step_and_the_printed_command_resumes_bit_identical(reference, terminated):
+    import shlex
+
+    root, returncode, err = terminated
+    run_dir = root / "lightning_logs" / "version_0"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"lima-lightning: interrupted by SIGTERM at step 13 (epoch 1), {ckpt} written; resume: lima-lightning fit ")
+    command = line.split("; resume: ", 1)[1]
+    assert command.endswith(" --ckpt_path last")
+    # The step under way when the signal came was finished and saved (not the periodic step-10 checkpoint).
+    checkpoint = torch.load(ckpt, weights_only=True)
+    assert checkpoint["global_step"] == 13
+    assert checkpoint["LIMADataModule"]["train_position"] == {"epoch": 1, "batches": 5, "batches_per_epoch": 8}
+    assert not (run_dir / "adapters" / "final").exists() and not list(ckpt.parent.glob(".*"))
+
+    run_cli(*shlex.split(command)[1:])  # the command exactly as printed
+    assert [p.name for p in (root / "lightning_logs").iterdir()] == ["version_0"]
+    assert_same_adapter(adapter(run_dir), adapter(reference))
+    for tag in TAGS:
+        assert scalars(run_dir, tag) == scalars(reference, tag), tag
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "batch, accumulate, saved_step, position",
+    [
+        (4, 2, 3, {"epoch": 0, "batches": 6, "batches_per_epoch": 8}),  # 1st micro-batch of step 3: step 3 is finished first
+        (7, 1, 8, {"epoch": 1, "batches": 0, "batches_per_epoch": 8}),  # the epoch's last step: the epoch is finished first
+    ],
+    ids=["mid-accumulation", "epoch-end"],
+)
+def test_ctrl_c_finishes_the_step_it_interrupts_saves_and_exits_130(batch, accumulate, saved_step, position, tmp_path, capsys):
+    ctrl_c = ("--trainer.callbacks+=tests.reliability_helpers.SignalAtBatch", "--trainer.callbacks.batch", str(batch))
+    args = demo_args(tmp_path, *SMALL, "--trainer.accumulate_grad_batches", str(accumulate), *ctrl_c)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *args)
+    assert exit_info.value.code == 130
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    epoch = position["epoch"] - (position["batches"] == 0)
+    assert line.startswith(f"lima-lightning: interrupted by SIGINT at step {saved_step} (epoch {epoch}), {ckpt} written; resume: ")
+    checkpoint = torch.load(ckpt, weights_only=True)
+    assert checkpoint["global_step"] == saved_step and checkpoint["LIMADataModule"]["train_position"] == position
+    assert (run_dir / "adapters" / "epoch=0").exists() == (position["batches"] == 0)  # the finished epoch's adapter
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are given back
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, capsys):
+    twice = ("--trainer.callbacks+=tests.reliability_helpers.SignalAtBatch", "--trainer.callbacks.batch", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *demo_args(tmp_path, *SMALL, *twice, "--trainer.callbacks.times", "2"))
+    assert exit_info.value.code == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("lima-lightning: interrupted by SIGINT at step 2 (Ctrl-C twice: stopped at once, nothing saved); resume ")
+    assert not (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_slurm_requeue_signal_saves_the_current_step_and_requeues_the_job(tmp_path, capsys, monkeypatch):
+    """Under SLURM (`#SBATCH --signal=SIGUSR1@90`, `--requeue`) the requeue signal stops at a step boundary like
+    SIGTERM, then `scontrol requeue`s the job, whose command's `--ckpt_path last` resumes it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol-calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "lima", "SLURM_NODELIST": "localhost"}
+    for key, value in {**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    usr1 = ("--trainer.callbacks+=tests.reliability_helpers.SignalAtBatch", "--trainer.callbacks.batch", "3")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *demo_args(tmp_path / "runs", *SMALL, *usr1, "--trainer.callbacks.signum", str(int(signal.SIGUSR1))))
+    assert exit_info.value.code == 128 + signal.SIGUSR1
+    # Under SLURM, Lightning names the run dir after the job: the requeued job logs into the same one.
+    ckpt = tmp_path / "runs" / "lightning_logs" / "version_4242" / "checkpoints" / "last.ckpt"
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(
+        f"lima-lightning: interrupted by SIGUSR1 at step 4 (epoch 0), {ckpt} written; SLURM job 4242 requeued "
+        "(its command must end with --ckpt_path last); resume: "
+    )
+    assert calls.read_text() == "requeue 4242\n"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    assert not list((tmp_path / "runs").glob("hpc_ckpt_*.ckpt"))  # Lightning's own mid-step save is not used

@@ -87,7 +87,7 @@ def main(argv: list[str]) -> None:
         tokenizer = load_tokenizer(args.tokenizer)
     except UserError as e:
         # load_tokenizer names the fit-time option; here the value came from --tokenizer.
-        raise UserError(str(e).replace("model.base_model=", "--tokenizer=", 1)) from None
+        raise type(e)(str(e).replace("model.base_model=", "--tokenizer=", 1)) from None  # type: an Unavailable hub stays exit 1
     stats = compute_stats(conversations, tokenizer, args.template, args.max_seq_length)
     print(f"dataset {args.dataset}, tokenizer {args.tokenizer}, template {args.template}")
     print(format_table(stats))

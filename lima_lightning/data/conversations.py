@@ -87,6 +87,8 @@ def _read_rows(path: Path):
                     yield f"{path}:{lineno}", json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}); expected one JSON object per line") from None
+                except RecursionError:  # failures (#16): `[[[[...` a hundred thousand deep
+                    raise UserError(f"{path}:{lineno}: JSON nested too deeply to read; expected one JSON object per line") from None
     elif suffix == ".json":
         raw = path.read_bytes()
         try:
@@ -95,6 +97,8 @@ def _read_rows(path: Path):
             raise UserError(
                 f"{path}:{e.lineno}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected a JSON list of rows"
             ) from None
+        except RecursionError:  # failures (#16)
+            raise UserError(f"{path}: JSON nested too deeply to read; expected a JSON list of rows") from None
         if not isinstance(data, list):
             raise UserError(f"{path}: top level is {_json_type(data)}; expected a JSON list of rows")
         for i, row in enumerate(data, start=1):
@@ -176,6 +180,10 @@ def _check_text(value: object, where: str, what: str) -> str:
         raise UserError(f"{where}: {what} is {_json_type(value)}; expected a non-empty string")
     if not value.strip():
         raise UserError(f"{where}: {what} is empty; expected a non-empty string")
+    try:  # failures (#16): a JSON "\ud800" escape decodes to a lone surrogate, which tokenizers cannot take
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where}: {what} holds a lone surrogate ({value[e.start]!r}); expected valid Unicode text") from None
     return value
 
 

@@ -34,10 +34,13 @@ def resolve_base_model(name: str, need_weights: bool = True) -> str:
 
 
 def _from_hub_or_disk(path: str, name: str):
-    """Hub failures become one-line errors only for hub ids; a local directory's own errors stay as they are."""
+    """Hub failures become one-line errors only for hub ids; a local directory's own errors stay as they are.
+
+    Yields the loader's extra keyword arguments (`local_files_only` when the hub is out of reach; see `hub`).
+    """
     from contextlib import nullcontext
 
-    return nullcontext() if Path(path).is_dir() else hub_errors("model.base_model", name)
+    return nullcontext({}) if Path(path).is_dir() else hub_errors("model.base_model", name)
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -50,8 +53,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
             f"model.base_model={name}: the directory holds no tokenizer (tokenizer.json or tokenizer.model); "
             "point it at a saved Hugging Face model"
         )
-    with _from_hub_or_disk(path, name):
-        tokenizer = AutoTokenizer.from_pretrained(path, token=hub_token(), trust_remote_code=trust_remote_code)
+    with _from_hub_or_disk(path, name) as hub:
+        tokenizer = AutoTokenizer.from_pretrained(path, token=hub_token(), trust_remote_code=trust_remote_code, **hub)
     if tokenizer.pad_token is None:
         # Padding never reaches the loss (labels are -100 there) and <unk> is never generated,
         # so reusing it keeps the vocabulary, and the embedding matrix, unchanged.
@@ -85,7 +88,7 @@ def load_base_model(
         dtype = torch.bfloat16
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with _from_hub_or_disk(path, name):
+    with _from_hub_or_disk(path, name) as hub:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
@@ -94,6 +97,7 @@ def load_base_model(
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
             **kwargs,
+            **hub,
         )
     model.config.use_cache = False  # no KV cache while training; generation turns it on per call
     return model
