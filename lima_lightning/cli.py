@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         print(failures.unknown_command_line(argv[0], list(COMMANDS)), file=sys.stderr)
         sys.exit(2)
     target = COMMANDS.get(argv[0], (LIGHTNING, ""))[0]
+    from lima_lightning.memory import prefer_expandable_segments
+
+    prefer_expandable_segments()
     if target == LIGHTNING:
         cli_main(argv)
         return

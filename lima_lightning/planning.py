@@ -104,8 +104,13 @@ def max_micro_batch_tokens(data) -> int:
     return data.max_tokens_per_batch
 
 
-def plan_training(model_config, model_options, data, budget_bytes: float) -> TrainingPlan:
-    """The memory plan of `fit` with these `model.*` and `data.*` options, for `model_config` (a transformers config)."""
+def shape_estimate(model_config, model_options, max_tokens: int, budget_bytes: float) -> tuple[MemoryEstimate, int]:
+    """The step memory of `model_options` (the `model.*` options) on a model of `model_config`'s shapes, and the
+    number of LoRA parameters it trains.
+
+    Also the floor under a run's own probe (`memory.decide_checkpointing`): the probe's short rows can miss the
+    branch of the peak that large micro-batches reach.
+    """
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -129,9 +134,16 @@ def plan_training(model_config, model_options, data, budget_bytes: float) -> Tra
         checkpointed_bytes_per_token=layers * 2 * hidden + max(per_layer, head),
         num_layers=layers,
         optimizer_bytes=optimizer_bytes(lora, lora_dtype_bytes, model_options.optimizer),
-        max_tokens=max_micro_batch_tokens(data),
+        max_tokens=max_tokens,
         budget_bytes=budget_bytes,
     )
+    return estimate, lora
+
+
+def plan_training(model_config, model_options, data, budget_bytes: float) -> TrainingPlan:
+    """The memory plan of `fit` with these `model.*` and `data.*` options, for `model_config` (a transformers config)."""
+    estimate, lora = shape_estimate(model_config, model_options, max_micro_batch_tokens(data), budget_bytes)
+    layers = estimate.num_layers
     fixed_layers = {True: layers, False: 0}.get(model_options.gradient_checkpointing)  # None: auto decides
     if fixed_layers is not None:
         estimate = replace(estimate, checkpointed_choice=fixed_layers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -53,6 +55,41 @@ def test_auto_is_off_on_cpu_and_on_when_the_batch_size_is_unknown():
     assert decide_checkpointing(module, torch.device("cpu"), 8192)[0] == 0
     # No probe runs (it would need CUDA): without a batch bound the safe answer is every layer.
     assert decide_checkpointing(module, torch.device("cuda"), None)[0] == len(layers(module))
+
+
+def test_auto_never_plans_below_the_shape_model(monkeypatch):
+    """What the probe measured on an H200 at a 24 GiB budget chose 26 layers, and that step reached 21.7 GiB
+    (predicted 19.0) and died of fragmentation; the shape model (21.0 GiB for 26 layers) makes it 27."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from lima_lightning import memory
+    from lima_lightning.cli import parse_fit_config
+    from tests.conftest import REPO
+
+    config = parse_fit_config(["--config", str(REPO / "configs/llama2-7b-qlora.yaml"), "--model.base_model", "tiny"]).model
+    shape = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)
+    base = SimpleNamespace(config=shape, get_decoder=lambda: SimpleNamespace(layers=[None] * 32))
+    module = SimpleNamespace(model=SimpleNamespace(get_base_model=lambda: base), hparams=config)
+    probed = MemoryEstimate(4.5 * GIB, 7.72 * 2**20, 0.27 * 2**20, 32, 1.19 * GIB, max_tokens=8192, budget_bytes=24 * GIB)
+    monkeypatch.setattr(memory, "estimate_memory", lambda module, device, max_tokens: probed)
+    assert probed.checkpointed_layers == 26
+    layers, estimate, reason = decide_checkpointing(module, torch.device("cuda"), 8192)
+    assert layers == 27 and estimate.peak_bytes(26) / GIB == pytest.approx(21.7, rel=0.05) and "27 of 32" in reason
+
+
+def test_the_cli_asks_for_expandable_allocator_segments_unless_told_otherwise(monkeypatch, capsys):
+    from lima_lightning.cli import main
+    from tests.conftest import REPO
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    main(["plan", "--config", str(REPO / "configs/demo.yaml")])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    main(["plan", "--config", str(REPO / "configs/demo.yaml")])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
 
 
 def test_checkpointing_toggles_every_layer_and_keeps_the_loss(examples):  # noqa: F811
