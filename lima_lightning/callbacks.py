@@ -86,8 +86,7 @@ class SaveAdapters(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         with PHASES.timed("final save"):
-            path = save_adapter_once(trainer, pl_module, runs.FINAL_ADAPTER)
-        rank_zero_info(f"adapter saved to {path}")
+            save_adapter_once(trainer, pl_module, runs.FINAL_ADAPTER)  # the run summary says where
 
     # --- failures: the weights' last good state on a NaN loss or a CUDA out-of-memory (failures.py prints the line) ---
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:

@@ -65,8 +65,9 @@ class LIMALoRAModule(L.LightningModule):
             lora_dropout: Dropout on the LoRA branch input.
             target_modules: Linear layers that get adapters (default: every attention and MLP projection).
             gradient_checkpointing: Recompute activations in backward: much less memory, ~30% slower. `auto`
-                (GPU): measure this model's activation memory with two short probe steps and checkpoint only
-                if the data module's largest micro-batch would not fit without it; off on CPU.
+                (GPU): measure this model's activation memory with short probe steps and checkpoint the fewest
+                decoder layers that let the largest micro-batch fit `--gpu_memory_gib` (`lima-lightning plan`
+                predicts the choice); off on CPU.
             attn_implementation: Training attention kernel. `sdpa`: PyTorch's fused kernels (causal flash for
                 unpacked rows). `flex_attention` (CUDA only, compiles a kernel at the first step): skips the
                 blocks a packed row masks out. `eager`: plain matmuls, for debugging.

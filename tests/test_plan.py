@@ -80,3 +80,25 @@ def test_plan_runs_on_the_demo_config_in_seconds(capsys, no_weights):
     main(["plan", "--config", str(REPO / "configs/demo.yaml")])  # no GPU here: the common card sizes
     out = capsys.readouterr().out
     assert out.count("GiB budget") == 4 and "fits" in out
+
+
+def test_plan_knows_the_llama2_shapes_when_the_hub_cannot_answer(capsys, monkeypatch, no_weights):
+    from transformers import AutoConfig
+
+    from lima_lightning import hub
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(hub, "offline_reason", lambda: None)
+    monkeypatch.setattr(AutoConfig, "from_pretrained", unreachable)
+    main(["plan", "--config", str(REPO / "configs/llama2-7b-qlora.yaml"), "--gpu_memory_gib", "24", "--json"])
+    out, err = capsys.readouterr()
+    plan = json.loads(out.strip().splitlines()[-1])
+    assert plan["layers"] == 32 and plan["lora_parameters"] == 159_907_840 and plan["fits"]  # Llama-2-7B, r=64
+    assert "meta-llama/Llama-2-7b-hf's config.json is out of reach" in err and "published shapes" in err
+    main(["plan", "--config", str(REPO / "configs/llama2-7b-qlora.yaml"), "--model.base_model", "meta-llama/Llama-2-70b-chat-hf", "--json", "--gpu_memory_gib", "80"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["layers"] == 80
+    with pytest.raises(SystemExit):  # any other hub id still needs its config.json
+        main(["plan", "--config", str(REPO / "configs/llama2-7b-qlora.yaml"), "--model.base_model", "mistralai/Mistral-7B-v0.1"])
+    assert "mistralai/Mistral-7B-v0.1" in capsys.readouterr().err

@@ -1,6 +1,7 @@
-"""Docs that match the product: every `lima-lightning` command in the README's ```bash blocks runs as written.
+"""Docs that match the product: every `lima-lightning` command in the ```bash blocks of README.md and docs/*.md
+runs as written.
 
-Works on whatever README.md holds (the commands are read from it, not listed here):
+Works on whatever the docs hold (the commands are read from them, not listed here):
 - fit / validate / test / predict are run with `--print_config` (configs and options are parsed and resolved,
   nothing loads: a 7B fit would need a GPU and the hub), as litgpt tests its configs;
 - the commands that need no Trainer (stats, inspect, report, export, ...) are run for real in a scratch copy of
@@ -22,13 +23,14 @@ import yaml
 from tests.conftest import REPO, SHARED
 
 README = REPO / "README.md"
+DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 SKIPPED_PROGRAMS = ("make", "export", "tensorboard", "pip", "git", "cd", "source", "bash")
 RUN_DIR = re.compile(r"(?<![\w/.])(runs/[^/\s=]+)/lightning_logs/version_\d+")
 
 
 def readme_commands(text: str) -> list[tuple[int, list[str]]]:
-    """(line number, argv after `lima-lightning`) of every lima-lightning command in a ```bash block."""
+    """(line number, argv after `lima-lightning`) of every lima-lightning command in a ```bash block of `text`."""
     commands = []
     for block in re.finditer(r"^```bash\n(.*?)^```", text, re.S | re.M):
         start = text[: block.start()].count("\n") + 2  # the block's first line, 1-based
@@ -51,13 +53,14 @@ def readme_commands(text: str) -> list[tuple[int, list[str]]]:
     return commands
 
 
-COMMANDS = readme_commands(README.read_text(encoding="utf-8"))
+# (file:line, argv) of every documented command
+COMMANDS = [(f"{doc.relative_to(REPO)}:{line}", argv) for doc in DOCS for line, argv in readme_commands(doc.read_text(encoding="utf-8"))]
 TRAINER = [c for c in COMMANDS if c[1][0] in TRAINER_COMMANDS]
 TOOLS = [c for c in COMMANDS if c[1][0] not in TRAINER_COMMANDS]
 
 
 def line_id(value) -> str | None:
-    return f"README.md:{value}" if isinstance(value, int) else None
+    return value if isinstance(value, str) and value.endswith(tuple("0123456789")) else None
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ def print_config(argv: list[str], capsys) -> dict:
 
 
 def test_the_readme_has_commands():
-    subcommands = {argv[0] for _, argv in COMMANDS}
+    subcommands = {argv[0] for where, argv in COMMANDS if where.startswith("README.md:")}
     assert {"fit", "predict"} <= subcommands, subcommands
     # validate and test are explained with a command each (what `test` scores is said beside it).
     assert {"validate", "test"} <= subcommands, "README shows no `lima-lightning validate` / `test` command"
@@ -97,7 +100,7 @@ def test_trainer_command_parses_as_written(line, argv, sandbox, monkeypatch, cap
     if any(a.startswith("../shared") for a in argv) and not SHARED.is_dir():
         pytest.skip("../shared is absent (a fresh clone)")
     config = print_config(argv, capsys)
-    assert config["trainer"]["default_root_dir"], f"README.md:{line}: no trainer.default_root_dir"
+    assert config["trainer"]["default_root_dir"], f"{line}: no trainer.default_root_dir"
 
 
 def documented_root_dirs(capsys) -> set[str]:
@@ -112,7 +115,7 @@ def test_every_run_dir_named_is_one_a_documented_command_writes(sandbox, monkeyp
     monkeypatch.chdir(sandbox)
     roots = documented_root_dirs(capsys)
     wrong = [
-        f"README.md:{line}: {match.group(0)} (documented run dirs lie under {sorted(roots)})"
+        f"{line}: {match.group(0)} (documented run dirs lie under {sorted(roots)})"
         for line, argv in COMMANDS
         for match in RUN_DIR.finditer(" ".join(argv))
         if match.group(1) not in roots
@@ -137,10 +140,10 @@ def test_tool_command_runs_as_written(line, argv, sandbox, monkeypatch, capsys):
     except SystemExit as e:
         status = e.code
     err = capsys.readouterr().err.strip()
-    assert status == 2 and not any(u in err for u in USAGE_ERRORS), f"README.md:{line}: {err}"
+    assert status == 2 and not any(u in err for u in USAGE_ERRORS), f"{line}: {err}"
     # The one acceptable failure: an input that only a GPU run of a documented command makes, named as missing.
     missing = [a for a in re.split(r"[\s=]", " ".join(argv)) if a.startswith("runs/") and not (sandbox / a).exists()]
-    assert missing and any(m in err for m in missing), f"README.md:{line}: {err}"
+    assert missing and any(m in err for m in missing), f"{line}: {err}"
 
 
 def test_readme_states_the_python_version():

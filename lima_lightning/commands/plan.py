@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from lima_lightning.errors import UserError
 from lima_lightning.memory import GIB
@@ -29,12 +30,38 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+# Published config.json shapes of the Llama-2 sizes (fixed forever): plan answers for them without the hub or
+# HF_TOKEN, e.g. before the licence is accepted. Vocabulary 32,000, context 4,096.
+LLAMA2_SHAPES = {  # hidden, MLP, layers, attention heads, key/value heads
+    "Llama-2-7b": (4096, 11008, 32, 32, 32),
+    "Llama-2-13b": (5120, 13824, 40, 40, 40),
+    "Llama-2-70b": (8192, 28672, 80, 64, 8),
+}
+
+
+def published_llama2_config(base_model: str):
+    """The config of a meta-llama/Llama-2-{7b,13b,70b}[-chat]-hf id, or None for any other name."""
+    from transformers import LlamaConfig
+
+    owner, _, name = base_model.partition("/")
+    size = name.removesuffix("-hf").removesuffix("-chat")
+    if owner != "meta-llama" or size not in LLAMA2_SHAPES:
+        return None
+    hidden, mlp, layers, heads, kv_heads = LLAMA2_SHAPES[size]
+    return LlamaConfig(
+        hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=32000, max_position_embeddings=4096,
+    )  # fmt: skip
+
+
 def model_config(base_model: str, trust_remote_code: bool):
-    """The base model's transformers config: config.json of a local directory or the hub (or `tiny`)."""
+    """The base model's transformers config: config.json of a local directory or the hub (or `tiny`); for the
+    Llama-2 hub ids, their published shapes when the hub cannot give it (offline, gated without HF_TOKEN)."""
     from pathlib import Path
 
     from transformers import AutoConfig
 
+    from lima_lightning.errors import Unavailable
     from lima_lightning.hub import hub_errors, hub_token
     from lima_lightning.models.loading import resolve_base_model
 
@@ -43,8 +70,16 @@ def model_config(base_model: str, trust_remote_code: bool):
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"model.base_model={base_model}: no config.json there; plan needs the model's config (no weights)")
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with hub_errors("model.base_model", base_model):
-        return AutoConfig.from_pretrained(path, token=hub_token(), trust_remote_code=trust_remote_code)
+    try:
+        with hub_errors("model.base_model", base_model) as offline:
+            return AutoConfig.from_pretrained(path, token=hub_token(), trust_remote_code=trust_remote_code, **offline)
+    except (Unavailable, UserError) as e:
+        published = published_llama2_config(base_model)
+        if published is None:
+            raise
+        reason = str(e).removeprefix(f"model.base_model={base_model}: ").split(";")[0].split(", and the")[0]
+        print(f"note: {base_model}'s config.json is out of reach ({reason}); planning with its published shapes", file=sys.stderr)
+        return published
 
 
 def budgets(requested: float | None) -> list[float]:
