@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from lima_lightning.cli import parse_fit_config
 from lima_lightning.commands import chat
 from lima_lightning.data.conversations import Conversation
 from lima_lightning.data.tokenization import IGNORE_INDEX, encode_conversation, encode_prompt
@@ -50,7 +51,7 @@ def chat_args(adapter, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def module(adapter):
     """The demo config's model with the adapter, loaded as chat loads it (greedy: the demo config)."""
-    config = chat.fit_config(chat_args(adapter))
+    config = parse_fit_config(chat_args(adapter))
     return chat.load_module(config.model.as_dict(), chat.chat_device(config.trainer.accelerator))
 
 

@@ -97,7 +97,8 @@ def test_plan_knows_the_llama2_shapes_when_the_hub_cannot_answer(capsys, monkeyp
     plan = json.loads(out.strip().splitlines()[-1])
     assert plan["layers"] == 32 and plan["lora_parameters"] == 159_907_840 and plan["fits"]  # Llama-2-7B, r=64
     assert "meta-llama/Llama-2-7b-hf's config.json is out of reach" in err and "published shapes" in err
-    main(["plan", "--config", str(REPO / "configs/llama2-7b-qlora.yaml"), "--model.base_model", "meta-llama/Llama-2-70b-chat-hf", "--json", "--gpu_memory_gib", "80"])
+    config = str(REPO / "configs/llama2-7b-qlora.yaml")
+    main(["plan", "--config", config, "--model.base_model", "meta-llama/Llama-2-70b-chat-hf", "--json", "--gpu_memory_gib", "80"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["layers"] == 80
     with pytest.raises(SystemExit):  # any other hub id still needs its config.json
         main(["plan", "--config", str(REPO / "configs/llama2-7b-qlora.yaml"), "--model.base_model", "mistralai/Mistral-7B-v0.1"])

@@ -259,24 +259,6 @@ def module_generator(module):
     return run
 
 
-def fit_config(fit_args: list[str]):
-    """fit's configuration of these arguments (nothing loaded), without the seed line Lightning logs while parsing."""
-    import logging
-    import warnings
-
-    from lima_lightning.cli import parse_fit_config
-
-    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
-    level = seed_log.level
-    seed_log.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            return parse_fit_config(fit_args)
-    finally:
-        seed_log.setLevel(level)
-
-
 def describe(model: dict, data, device) -> str:
     settings = model["generation"]
     decoding = "greedy" if not settings["do_sample"] else f"sampling (temperature {settings['temperature']}, top_p {settings['top_p']})"
@@ -295,7 +277,9 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
     try:
         import torch
 
-        config = fit_config(fit_args)
+        from lima_lightning.cli import parse_fit_config  # quiet: no seed line, no warning that `args` differ
+
+        config = parse_fit_config(fit_args)
         model_options = config.model.as_dict()
         device = chat_device(config.trainer.accelerator)
         module = load_module(model_options, device)

@@ -429,26 +429,11 @@ def render_html(views: list[RowView], intro: str) -> str:
 
 # ----------------------------------------------------------------------------- command
 def fit_data_config(fit_args: list[str]):
-    """fit's `data` options, resolved and checked as fit does (configs, overrides, the tokenizer linked to model.base_model).
-
-    Quietly: the parser's "Seed set to" line and LightningCLI's warning that `args` differ from sys.argv (they
-    do on purpose: inspect's own options are taken out) are not inspect's output.
-    """
-    import logging
-    import warnings
-
-    from lima_lightning.cli import parse_fit_config
+    """fit's `data` options, resolved and checked as fit does (configs, overrides, the tokenizer linked to model.base_model)."""
+    from lima_lightning.cli import parse_fit_config  # quiet: no seed line, no warning that `args` differ from sys.argv
     from lima_lightning.data.datamodule import LIMADataModule
 
-    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
-    level = seed_log.level
-    seed_log.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            data = parse_fit_config(fit_args).data
-    finally:
-        seed_log.setLevel(level)
+    data = parse_fit_config(fit_args).data
     LIMADataModule(**data)  # its checks (e.g. data.max_seq_length >= 16), as fit would refuse the same values; loads nothing
     return data
 
