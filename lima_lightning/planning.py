@@ -3,10 +3,11 @@
 The model is built on the meta device from its `config.json`, so its weight and adapter sizes are exact. What a
 step keeps per token is a formula in the model's shapes (the tensors autograd saves in a Llama decoder layer with
 LoRA on its projections), scaled by one factor measured on an H200: the memory probe's 7.63 MiB per token for
-Llama-2-7B (QLoRA, r=64, LoRA dropout 0.05, eager; `benchmarks/RESULTS.md`). The result is the same
-`MemoryEstimate` that `gradient_checkpointing: auto` builds from its probe at the start of a real run, so the plan
-checkpoints the same number of layers the run will; compiled layers keep 15% less per token (measured for QLoRA
-and LoRA alike), which lowers the predicted peak but not the decision (the run probes uncompiled).
+Llama-2-7B (QLoRA, r=64, LoRA dropout 0.05, eager; `benchmarks/RESULTS.md`). The result is a
+`MemoryEstimate`, the kind `gradient_checkpointing: auto` builds from its probe at the start of a real run; the
+run takes each quantity as the larger of its probe's and this one's, so it checkpoints at least the layers the
+plan says. Compiled layers keep 15% less per token (measured for QLoRA and LoRA alike), which lowers the
+predicted peak but not the decision (the run probes uncompiled).
 """
 
 from __future__ import annotations

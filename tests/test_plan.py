@@ -96,7 +96,8 @@ def test_plan_knows_the_llama2_shapes_when_the_hub_cannot_answer(capsys, monkeyp
     out, err = capsys.readouterr()
     plan = json.loads(out.strip().splitlines()[-1])
     assert plan["layers"] == 32 and plan["lora_parameters"] == 159_907_840 and plan["fits"]  # Llama-2-7B, r=64
-    assert "meta-llama/Llama-2-7b-hf's config.json is out of reach" in err and "published shapes" in err
+    assert "model.base_model=meta-llama/Llama-2-7b-hf: could not reach the hub" in err
+    assert "planning with the published shapes of meta-llama/Llama-2-7b-hf" in err
     config = str(REPO / "configs/llama2-7b-qlora.yaml")
     main(["plan", "--config", config, "--model.base_model", "meta-llama/Llama-2-70b-chat-hf", "--json", "--gpu_memory_gib", "80"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["layers"] == 80
