@@ -16,6 +16,10 @@ Runs (configs/*.yaml with the local model and data):
     qlora, lora, lowmem          fit with configs/llama2-7b-{qlora,lora,qlora-lowmem}.yaml
     predict-qlora, predict-lora  predict the 300 LIMA test prompts with configs/predict.yaml over that config, with
                                  the adapter of the last fit of the same method (the base model alone if none ran)
+    plain-qlora, plain-lora      the plain transformers + PEFT + bitsandbytes loop under the same budget
+                                 (bench_train.py's qlora-plain / lora-plain rows: steady tokens/s and peak), with
+                                 its 3-epoch time estimated as load + 3 LIMA epochs at that rate
+A run may end in /OPTION=VALUE pairs, added to its command only: predict-qlora@24/model.generation.compile=true.
 `--extra` adds options to every command (the CPU rehearsal: `--extra "--trainer.accelerator cpu ..."`).
 """
 
@@ -46,6 +50,33 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 def newest_run_dir(root: Path) -> Path | None:
     runs = sorted((root / "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime)
     return runs[-1] if runs else None
+
+
+LIMA_TOKENS = 701_115  # real tokens of one LIMA epoch at 2048 tokens (RESULTS.md)
+
+
+def plain_command(run: str, budget: float, args, root: Path) -> list[str]:
+    """bench_train.py's plain-loop row of `run`'s method under the budget; its report goes to root/bench_train.json."""
+    method = run.removeprefix("plain-")
+    return [str(REPO / "benchmarks/bench_train.py"), "--model", args.model, "--lima", f"{args.lima}/train.jsonl",
+            "--configs", f"{method}-plain", "--gpu-memory-gib", str(budget), "--time-budget", "300",
+            "--out", str(root / "bench_train.json"), *args.plain_extra.split()]  # fmt: skip
+
+
+def summarize_plain(run: str, budget: float, root: Path, output: str, wall: float, status: int) -> dict:
+    row: dict = {"run": run, "budget_gib": budget, "wall_s": round(wall, 1), "exit": status}
+    report = root / "bench_train.json"
+    results = json.loads(report.read_text())["results"] if report.is_file() else []
+    measured = next((r for r in results if "tokens_per_s" in r), None)
+    if measured is None:
+        row["error"] = next((r["error"] for r in results if "error" in r), output.strip().splitlines()[-1][:300] if output.strip() else "")
+        return row
+    load = re.search(r"model loaded in (\d+) s", output)
+    load_s = float(load.group(1)) if load else 0.0
+    rate, peak = measured["tokens_per_s"], measured["peak_gib"]
+    row.update(steady_tokens_per_s=round(rate), peak_gib=peak and round(peak, 2), load_s=load_s)
+    row["three_epochs_estimate_s"] = round(load_s + 3 * LIMA_TOKENS / rate)
+    return row
 
 
 def command(run: str, budget: float, steps: int, args, adapters: dict[str, str], root: Path) -> list[str]:
@@ -105,28 +136,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--skip-steps", type=int, default=5, help="optimizer steps left out of the steady-state tokens/s")
     parser.add_argument("--timeout", type=float, default=560, help="seconds a run may take before it is stopped")
     parser.add_argument("--extra", default="", help="options added to every command, e.g. for a CPU rehearsal")
+    parser.add_argument("--plain-extra", default="", help="options added to bench_train.py for the plain-* runs (CPU rehearsal: --smoke)")
     args = parser.parse_args(argv)
     rows: list[dict] = []
     adapters: dict[str, str] = {}
     for spec in args.runs.split(","):
+        spec, *options = spec.split("/")
         run, _, rest = spec.partition("@")
         gib, _, steps = rest.partition(":")
         budget = float(gib or 141)
-        root = Path(args.root) / spec.replace("@", "-").replace(":", "-")
-        cli = [sys.executable, "-m", "lima_lightning", *command(run, budget, int(steps or args.max_steps), args, adapters, root)]
-        print(f"== {spec}: {' '.join(cli[2:])}", flush=True)
+        root = Path(args.root) / "-".join([spec.replace("@", "-").replace(":", "-"), *options]).replace("=", "-")
+        if run.startswith("plain-"):
+            cli = [sys.executable, *plain_command(run, budget, args, root)]
+        else:
+            own = [f"--{o}" if i % 2 == 0 else o for option in options for i, o in enumerate(option.split("=", 1))]
+            cli = [sys.executable, "-m", "lima_lightning", *command(run, budget, int(steps or args.max_steps), args, adapters, root), *own]
+        print(f"== {'/'.join([spec, *options])}: {' '.join(cli[1:])}", flush=True)
         started = time.perf_counter()
         try:
             proc = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=args.timeout, env=os.environ)
             output, status = proc.stdout + proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as e:
             output, status = f"{e.stdout or ''}{e.stderr or ''}\nstopped after {args.timeout} s", -9
-        row = summarize(run, budget, newest_run_dir(root), output, time.perf_counter() - started, status, args)
+        wall = time.perf_counter() - started
+        if run.startswith("plain-"):
+            row = summarize_plain(run, budget, root, output, wall, status)
+        else:
+            row = summarize(run, budget, newest_run_dir(root), output, wall, status, args)
+        if options:
+            row["options"] = options
         if row.get("adapter") and not run.startswith("predict-"):
             adapters[run] = row["adapter"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-        print("\n".join(line for line in output.splitlines() if " took " in line or "auto ->" in line or "error" in line.lower())[-2000:])
+        shown = [line for line in output.splitlines() if any(key in line.lower() for key in (" took ", "auto ->", "generation:", "error"))]
+        print("\n".join(shown)[-2000:])
         Path(args.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     return rows
 

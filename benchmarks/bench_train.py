@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lora-r", type=int, help="override every config's model.lora_r (default: the configs', 64; 8 with --smoke)")
     parser.add_argument("--lora-alpha", type=int, help="override model.lora_alpha (default: the configs')")
     parser.add_argument("--lora-dropout", type=float, help="override model.lora_dropout (default: the configs')")
+    parser.add_argument("--gpu-memory-gib", type=float, help="cap the process's GPU memory, as `fit --gpu_memory_gib` does")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak for MFU (790: measured on the H200)")
     parser.add_argument("--seed", type=int, default=0, help="the plain loop's order, the parity batch, the random LoRA B")
     parser.add_argument(
@@ -243,6 +244,10 @@ def run(args, argv: list[str] | None) -> dict:
     started = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.smoke else torch.device("cpu")
+    from lima_lightning.memory import apply_budget, request_budget
+
+    request_budget(args.gpu_memory_gib)  # the same cap as the product's, so both loops meet the same card
+    apply_budget(device)
     from lima_lightning.models.loading import load_tokenizer, resolve_base_model
 
     args.model = resolve_base_model(args.model) if args.model == "tiny" else args.model

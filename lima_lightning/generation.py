@@ -1,8 +1,11 @@
 """Batched generation with the KV cache; each sequence stops at its own EOS.
 
 A predict batch may hold more prompts than the GPU can keep KV caches for: it is generated in chunks of
-rows whose caches fit (`rows_per_chunk`), computed from the device's total memory and what is allocated
+consecutive rows whose caches fit (`plan_chunks`), computed from the memory budget and what is allocated
 before generation, so the same setup always splits the same way (and the same seed gives the same samples).
+Each chunk drops the left padding none of its rows needs: predict's batches come longest first, so the later
+chunks' short prompts keep short caches and more of them fit at once (compiled decoding excepted: it keeps
+one shape for every chunk, so that it compiles once).
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def generation_bytes_per_row(config, prompt_len: int, max_new_tokens: int, dtype
 
 
 def rows_per_chunk(config, rows: int, prompt_len: int, max_new_tokens: int, dtype_bytes: int, budget_bytes: int | None) -> int:
-    """How many rows to generate together: all of them unless their caches would not fit `budget_bytes`."""
+    """How many rows of `prompt_len` tokens to generate together: all unless their caches would not fit `budget_bytes`."""
     if budget_bytes is None:
         return rows
     fit = budget_bytes // generation_bytes_per_row(config, prompt_len, max_new_tokens, dtype_bytes)
@@ -101,6 +104,26 @@ def rows_per_chunk(config, rows: int, prompt_len: int, max_new_tokens: int, dtyp
             f"free ({budget_bytes / 2**30:.1f} GiB); lower model.generation.max_new_tokens or data.max_seq_length"
         )
     return int(min(rows, fit))
+
+
+def plan_chunks(config, prompt_lengths: list[int], max_new_tokens: int, dtype_bytes: int, budget_bytes: int | None) -> list[range]:
+    """Consecutive runs of rows to generate together, each as long as its caches fit `budget_bytes`.
+
+    A chunk's rows are padded to its longest prompt, so a row joins the chunk while (rows + 1) x the per-row
+    memory at the chunk's longest prompt still fits. With a budget of None (CPU) every row goes in one chunk.
+    """
+    if budget_bytes is None or not prompt_lengths:
+        return [range(len(prompt_lengths))] if prompt_lengths else []
+    chunks, start, longest = [], 0, 0
+    for row, length in enumerate(prompt_lengths):
+        rows_per_chunk(config, 1, length, max_new_tokens, dtype_bytes, budget_bytes)  # raises if one such row cannot fit
+        widest = max(longest, length)
+        if row > start and (row - start + 1) * generation_bytes_per_row(config, widest, max_new_tokens, dtype_bytes) > budget_bytes:
+            chunks.append(range(start, row))
+            start, widest = row, length
+        longest = widest
+    chunks.append(range(start, len(prompt_lengths)))
+    return chunks
 
 
 def generation_memory_budget(device: torch.device) -> int | None:
@@ -153,17 +176,24 @@ def generate(
     cache = "static" if settings.compile else settings.cache
     dtype_bytes = model.dtype.itemsize  # the KV cache is kept in the model's dtype
     budget = generation_memory_budget(input_ids.device)
-    chunk = rows_per_chunk(model.config, len(input_ids), input_ids.shape[1], settings.max_new_tokens, dtype_bytes, budget)
-    if chunk < len(input_ids):
+    # Each row's width: its columns from its first real token on (all of it for a left-padded batch). Compiled
+    # decoding keeps the batch's full width in every chunk instead: one shape, compiled once.
+    full = input_ids.shape[1]
+    widths = [full] * len(input_ids) if settings.compile else (full - attention_mask.int().argmax(1)).tolist()
+    chunks = plan_chunks(model.config, widths, settings.max_new_tokens, dtype_bytes, budget)
+    if len(chunks) > 1:
+        sizes = sorted({len(c) for c in chunks})
         rank_zero_info(
-            f"generation: {len(input_ids)} prompts in chunks of {chunk}: their KV caches would not fit the "
-            f"{budget / 2**30:.1f} GiB left for generation together"
+            f"generation: {len(input_ids)} prompts in {len(chunks)} chunks of {sizes[0]}-{sizes[-1]} rows: their KV caches "
+            f"would not fit the {budget / 2**30:.1f} GiB left for generation together"
         )
     results = []
-    for start in range(0, len(input_ids), chunk):
+    for rows in chunks:
+        first = full - max(widths[rows.start : rows.stop])  # padding columns no row of the chunk uses
+        chunk_ids = input_ids[rows.start : rows.stop, first:]
         output = model.generate(
-            input_ids=input_ids[start : start + chunk],
-            attention_mask=attention_mask[start : start + chunk],
+            input_ids=chunk_ids,
+            attention_mask=attention_mask[rows.start : rows.stop, first:],
             max_new_tokens=settings.max_new_tokens,
             do_sample=settings.do_sample,
             eos_token_id=tokenizer.eos_token_id,
@@ -174,7 +204,7 @@ def generate(
             streamer=streamer or (TokenCounter(tokenizer.pad_token_id, progress.tokens) if progress is not None else None),
             **sampling,
         )
-        completed = [describe_completion(row, tokenizer) for row in output[:, input_ids.shape[1] :].tolist()]
+        completed = [describe_completion(row, tokenizer) for row in output[:, chunk_ids.shape[1] :].tolist()]
         if progress is not None:
             progress.prompts(len(completed))
         results += completed

@@ -172,13 +172,29 @@ def test_a_batch_larger_than_memory_is_generated_in_chunks_with_the_same_answers
     whole = generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, settings)
     calls = []
     original = greedy_model.generate
-    monkeypatch.setattr(greedy_model, "generate", lambda **kw: calls.append(len(kw["input_ids"])) or original(**kw))
-    # A budget of two rows' worth of memory: the five prompts go as 2 + 2 + 1.
+    monkeypatch.setattr(greedy_model, "generate", lambda **kw: calls.append(tuple(kw["input_ids"].shape)) or original(**kw))
+    # A budget of 2.5 rows at the longest prompt (9 tokens): the first two rows, then the other three (prompts of
+    # 6, 4 and 2 tokens) trimmed to 6 columns, where three rows' caches fit.
     per_row = generation.generation_bytes_per_row(greedy_model.config, 9, 12, dtype_bytes=4)
     monkeypatch.setattr(generation, "generation_memory_budget", lambda device: 2 * per_row + per_row // 2)
     chunked = generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, settings)
-    assert calls == [2, 2, 1]
+    assert calls == [(2, 9), (3, 6)]
     assert chunked == whole
+
+
+def test_compiled_decoding_keeps_one_shape_for_every_chunk(greedy_model, tiny_tokenizer, monkeypatch):
+    import lima_lightning.generation as generation
+
+    input_ids, attention_mask = left_padded_prompts(tiny_tokenizer)
+    calls = []
+    original = greedy_model.generate
+    # Record the shapes, and decode uncompiled: the CPU has no CUDA graphs to compile to.
+    uncompiled = lambda **kw: calls.append(tuple(kw["input_ids"].shape)) or original(**{**kw, "disable_compile": True})  # noqa: E731
+    monkeypatch.setattr(greedy_model, "generate", uncompiled)
+    per_row = generation.generation_bytes_per_row(greedy_model.config, 9, 12, dtype_bytes=4)
+    monkeypatch.setattr(generation, "generation_memory_budget", lambda device: 2 * per_row + per_row // 2)
+    generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, GenerationSettings(12, do_sample=False, compile=True))
+    assert calls == [(2, 9), (2, 9), (1, 9)]
 
 
 def test_rows_per_chunk_for_llama2_7b_by_hand():
@@ -197,6 +213,26 @@ def test_rows_per_chunk_for_llama2_7b_by_hand():
     assert rows_per_chunk(llama2_7b, 30, 216, 500, 2, budget_bytes=100 * per_row) == 30
     with pytest.raises(torch.cuda.OutOfMemoryError, match="model.generation.max_new_tokens"):
         rows_per_chunk(llama2_7b, 300, 216, 500, 2, budget_bytes=per_row - 1)
+
+
+def test_chunks_of_short_prompts_hold_more_rows_for_llama2_7b_by_hand():
+    from types import SimpleNamespace
+
+    from lima_lightning.generation import plan_chunks
+
+    llama2_7b = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=32,
+                                intermediate_size=11008, vocab_size=32000)  # fmt: skip
+    per_row_216 = 716 * 512 * 1024 + 216 * 2 * (4 * 4096 + 3 * 11008) + 16 * 32000  # 358.0 MiB + 21.3 MB + 0.5 MB
+    per_row_50 = 550 * 512 * 1024 + 50 * 2 * (4 * 4096 + 3 * 11008) + 16 * 32000  # 275.0 MiB + 4.9 MB + 0.5 MB
+    budget = 100 * per_row_216
+    assert budget // per_row_50 == 135
+    # 10 long prompts and 200 short ones, longest first: 100 rows padded to 216 tokens, then up to 135 rows of 50 tokens.
+    assert plan_chunks(llama2_7b, [216] * 10 + [50] * 200, 500, 2, budget) == [range(0, 100), range(100, 210)]
+    assert plan_chunks(llama2_7b, [216] * 10 + [50] * 300, 500, 2, budget) == [range(0, 100), range(100, 235), range(235, 310)]
+    assert plan_chunks(llama2_7b, [216] * 10, 500, 2, None) == [range(0, 10)]  # CPU: not planned
+    assert plan_chunks(llama2_7b, [], 500, 2, budget) == []
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="model.generation.max_new_tokens"):
+        plan_chunks(llama2_7b, [216, 50], 500, 2, per_row_216 - 1)
 
 
 @pytest.mark.slow
