@@ -164,7 +164,8 @@ class SampleGenerations(Callback):
             return
         examples = prompts_for_generation(conversations, pl_module.tokenizer, trainer.datamodule.hparams.template)
         batch = pad_for_generation(examples, pl_module.tokenizer.pad_token_id)
-        results = pl_module.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=self.max_new_tokens, do_sample=False)
+        with PHASES.timed("samples"):  # within validation; the phase line shows what answering them costs
+            results = pl_module.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=self.max_new_tokens, do_sample=False)
         rows = [
             {"epoch": trainer.current_epoch, "step": trainer.global_step, "prompt": e["prompt"], **r}
             | ({"reference": e["reference"]} if e["reference"] is not None else {})

@@ -170,15 +170,26 @@ def test_a_batch_larger_than_memory_is_generated_in_chunks_with_the_same_answers
     input_ids, attention_mask = left_padded_prompts(tiny_tokenizer)
     settings = GenerationSettings(12, do_sample=False)
     whole = generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, settings)
-    calls = []
+    calls, cache_lengths = [], []
+
+    def recorded(**kw):
+        calls.append(tuple(kw["input_ids"].shape))
+        output = original(**kw)
+        # The length transformers made this call's static cache (it sets this on the model it generated with).
+        cache_lengths.append(max(m.__dict__.get("_previous_max_cache_length", 0) for m in greedy_model.modules()))
+        return output
+
     original = greedy_model.generate
-    monkeypatch.setattr(greedy_model, "generate", lambda **kw: calls.append(tuple(kw["input_ids"].shape)) or original(**kw))
+    monkeypatch.setattr(greedy_model, "generate", recorded)
     # A budget of 2.5 rows at the longest prompt (9 tokens): the first two rows, then the other three (prompts of
     # 6, 4 and 2 tokens) trimmed to 6 columns, where three rows' caches fit.
     per_row = generation.generation_bytes_per_row(greedy_model.config, 9, 12, dtype_bytes=4)
     monkeypatch.setattr(generation, "generation_memory_budget", lambda device: 2 * per_row + per_row // 2)
     chunked = generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, settings)
     assert calls == [(2, 9), (3, 6)]
+    # Each chunk's cache as long as its own prompt + max_new_tokens (transformers leaves out the last token's slot),
+    # not as long as the longest so far.
+    assert cache_lengths[0] in (9 + 12, 9 + 12 - 1) and cache_lengths == [cache_lengths[0], cache_lengths[0] - 3]
     assert chunked == whole
 
 
