@@ -56,10 +56,14 @@ LIMA_TOKENS = 701_115  # real tokens of one LIMA epoch at 2048 tokens (RESULTS.m
 
 
 def plain_command(run: str, budget: float, args, root: Path) -> list[str]:
-    """bench_train.py's plain-loop row of `run`'s method under the budget; its report goes to root/bench_train.json."""
+    """bench_train.py's plain-loop row of `run`'s method under the budget; its report goes to root/bench_train.json.
+
+    Without its parity check: that runs a whole batch without checkpointing, which a 24 GiB budget cannot hold
+    (S6-3: out of memory before the plain loop ran).
+    """
     method = run.removeprefix("plain-")
     return [str(REPO / "benchmarks/bench_train.py"), "--model", args.model, "--lima", f"{args.lima}/train.jsonl",
-            "--configs", f"{method}-plain", "--gpu-memory-gib", str(budget), "--time-budget", "300",
+            "--configs", f"{method}-plain", "--gpu-memory-gib", str(budget), "--time-budget", "300", "--no-parity",
             "--out", str(root / "bench_train.json"), *args.plain_extra.split()]  # fmt: skip
 
 

@@ -160,6 +160,9 @@ def profile_lines(results: list[dict]) -> list[str]:
 def parity_lines(parity: dict) -> list[str]:
     lines = []
     for method, rows in parity.items():
+        if not rows:  # --no-parity
+            lines += ["", f"loss parity, {method}: not checked (--no-parity)"]
+            continue
         lines += ["", f"loss parity, {method}: one identical batch of 4 conversations, dropout off (bf16 autocast on GPU)", ""]
         for row in rows:
             if "error" in row:
