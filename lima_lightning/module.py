@@ -151,7 +151,6 @@ class LIMALoRAModule(L.LightningModule):
         base = load_base_model(hp.base_model, hp.quantization, device, hp.trust_remote_code, quant_storage=quant_storage)
         training = self._trainer is None or self.trainer.training or self.trainer.state.fn == "fit"
         predicting = not training and self.trainer.state.fn == "predict"
-        self._loaded_for_predict = predicting  # predict's model (frozen, or merged) is released when predict ends
         if predicting and decide_merge(self.generation.merge, base, device):
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             with PHASES.timed("merge"):
@@ -285,11 +284,15 @@ class LIMALoRAModule(L.LightningModule):
         return torch.compiler.set_stance("force_eager") if self.hparams.compile else contextlib.nullcontext()
 
     def on_predict_end(self) -> None:
-        # The predictions are written by now. Lightning's teardown next moves the model to host memory, which for a
-        # merged 7B copy (13.5 GB) took 12-14 s of a 24 GiB predict's 191 s; a model loaded for predict alone is
-        # not needed after it (a later fit or predict loads its own), so let it go instead.
-        if getattr(self, "_loaded_for_predict", False):
-            self.model = None
+        # Lightning's teardown, next, moves the module to host memory: for a merged 7B copy (13.5 GB) that took
+        # 12-14 s of a 24 GiB predict's 191 s, after the predictions were written. The model is set aside (not a
+        # submodule, so the move skips it) and put back in `teardown`, where it generated.
+        object.__setattr__(self, "_model_set_aside", self.model)
+        self.model = None
+
+    def teardown(self, stage: str) -> None:
+        if self.__dict__.get("_model_set_aside") is not None:
+            self.model = self.__dict__.pop("_model_set_aside")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         # Seeded per batch, so a batch's samples do not depend on what ran before it.
