@@ -16,7 +16,7 @@ one of its own conversions:
   quantized by `gguf.quants`, which reproduces ggml's reference quantizer bit for bit).
 - The vocabulary is the `llama` (SentencePiece) tokenizer model: tokens, scores and token types, BOS/EOS/
   UNK/pad ids and whether to add BOS, plus a Llama-2 chat template so that chat front ends format
-  prompts the way the model was trained (`LLAMA2_CHAT_TEMPLATE`).
+  prompts the way the model was trained (`LLAMA2_CHAT_TEMPLATE`); `gguf_vocab` writes it.
 
 Tensors are converted one at a time while the file is written, so the export needs about one tensor of
 memory beyond the model itself (a whole-model copy would be another 13 GB for Llama-2-7B in f16).
@@ -24,17 +24,19 @@ memory beyond the model itself (a whole-model copy would be another 13 GB for Ll
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from lima_lightning.errors import UserError
+from lima_lightning.gguf_vocab import LLAMA2_CHAT_TEMPLATE, add_tokenizer_metadata
 from lima_lightning.models.verify import max_logit_difference
+
+# LLAMA2_CHAT_TEMPLATE lives with the vocabulary (`gguf_vocab`); it stays importable from here, beside write_gguf.
+__all__ = ["GGUF_LOGIT_BOUNDS", "LLAMA2_CHAT_TEMPLATE", "gguf_logit_bound", "rope_rows_for_llama_cpp", "verify_gguf", "write_gguf"]
 
 OutType = Literal["f16", "q8_0"]
 
@@ -69,27 +71,8 @@ def gguf_logit_bound(outtype: OutType, dtype: torch.dtype) -> float:
         raise ValueError(f"no measured GGUF logit bound for {outtype} from a {dtype} model (measured: fp32, bf16)") from None
 
 
-# Meta's Llama-2 chat format, written exactly as lima_lightning/data/templates.py and tokenization.py build
-# training examples: BOS before every user turn, the system prompt inside the first, EOS after each answer.
-# Without a template in the file, llama.cpp's chat mode falls back to ChatML, which this model never saw.
-LLAMA2_CHAT_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] | trim -%}{%- set messages = messages[1:] -%}"
-    "{%- else -%}{%- set system = '' -%}{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- bos_token + '[INST] ' -}}"
-    "{%- if loop.first and system -%}{{- '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' -}}{%- endif -%}"
-    "{{- message['content'] | trim + ' [/INST]' -}}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{- ' ' + message['content'] | trim + eos_token -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-
 _FILE_TYPES = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
 _QUANT_TYPES = {"f16": "F16", "q8_0": "Q8_0"}
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def rope_rows_for_llama_cpp(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -159,135 +142,6 @@ def _add_model_metadata(writer, config, outtype: OutType, name: str) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
-def _sentencepiece_file(tokenizer) -> Path | None:
-    """The SentencePiece `tokenizer.model` the tokenizer was loaded from, if it still exists.
-
-    transformers >= 5 saves only tokenizer.json, so a tokenizer loaded from a fit run's adapters/ has none.
-    """
-    source_dir = getattr(tokenizer, "name_or_path", None)
-    for candidate in (getattr(tokenizer, "vocab_file", None), Path(source_dir) / "tokenizer.model" if source_dir else None):
-        if candidate and Path(candidate).is_file() and Path(candidate).name.endswith(".model"):
-            return Path(candidate)
-    return None
-
-
-def _vocab_from_sentencepiece(model_file: Path) -> tuple[list[str], list[float], list[int]]:
-    """Tokens, scores and types exactly as SentencePiece stores them (llama.cpp's converter reads the same)."""
-    import gguf
-    from sentencepiece import SentencePieceProcessor
-
-    sp = SentencePieceProcessor(model_file=str(model_file))
-    tokens, scores, types = [], [], []
-    for i in range(sp.vocab_size()):
-        tokens.append(sp.id_to_piece(i))
-        scores.append(sp.get_score(i))
-        if sp.is_unknown(i):
-            kind = gguf.TokenType.UNKNOWN
-        elif sp.is_control(i):
-            kind = gguf.TokenType.CONTROL
-        elif sp.is_unused(i):
-            kind = gguf.TokenType.UNUSED
-        elif sp.is_byte(i):
-            kind = gguf.TokenType.BYTE
-        else:
-            kind = gguf.TokenType.NORMAL
-        types.append(int(kind))
-    return tokens, scores, types
-
-
-def _vocab_from_tokenizer_json(tokenizer) -> tuple[list[str], list[float], list[int]]:
-    """Tokens, scores and types of a Llama-style tokenizer.json: BPE over `▁`-prefixed text with byte fallback.
-
-    This is what Hugging Face makes of a SentencePiece BPE model (and what transformers >= 5 saves in its
-    place). llama.cpp's `llama` tokenizer merges the adjacent pair with the highest *score*, BPE the pair with
-    the lowest merge *rank*; a token's score is therefore minus the rank of the first merge that makes it,
-    which orders merges the same way. Tokens no merge makes (characters, bytes, specials) get 0, as
-    SentencePiece gives its bytes and control tokens: for those the score plays no part in tokenizing.
-    """
-    import gguf
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
-    model = spec.get("model") or {}
-    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False)
-    if model.get("type") != "BPE" or not model.get("byte_fallback") or "▁" not in text:
-        raise UserError(
-            "GGUF export: the tokenizer must be Llama-2's SentencePiece tokenizer (tokenizer.model) or a tokenizer.json "
-            f"of the same kind (BPE, byte_fallback, '▁' word boundaries); this one is {model.get('type', type(tokenizer).__name__)}"
-        )
-    vocab: dict[str, int] = dict(model["vocab"])
-    for added in spec.get("added_tokens") or []:
-        vocab.setdefault(added["content"], added["id"])
-    size = max(vocab.values()) + 1
-    if sorted(vocab.values()) != list(range(size)):
-        raise UserError("GGUF export: the tokenizer's ids are not contiguous from 0; llama.cpp needs one token per id")
-    tokens = [""] * size
-    for token, i in vocab.items():
-        tokens[i] = token
-    scores = [0.0] * size
-    for rank, merge in reversed(list(enumerate(model.get("merges") or []))):  # reversed: the lowest rank wins
-        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
-        if (i := vocab.get(left + right)) is not None:
-            scores[i] = -float(rank + 1)
-    special = {a["id"] for a in spec.get("added_tokens") or [] if a.get("special")}
-    in_model = set(model["vocab"].values())
-    unk = getattr(tokenizer, "unk_token_id", None)
-    types = []
-    for i, token in enumerate(tokens):
-        if i == unk:
-            kind = gguf.TokenType.UNKNOWN
-        elif i in special:
-            kind = gguf.TokenType.CONTROL
-        elif _BYTE_TOKEN.fullmatch(token):
-            kind = gguf.TokenType.BYTE
-        elif i not in in_model:
-            kind = gguf.TokenType.USER_DEFINED
-        else:
-            kind = gguf.TokenType.NORMAL
-        types.append(int(kind))
-    return tokens, scores, types
-
-
-def _add_tokenizer_metadata(writer, tokenizer, vocab_size: int, chat_template: str | None) -> None:
-    """The `llama` tokenizer model: tokens, scores, types, the special ids and whether to add BOS/EOS."""
-    import gguf
-
-    model_file = _sentencepiece_file(tokenizer)
-    if model_file is not None:
-        tokens, scores, types = _vocab_from_sentencepiece(model_file)
-        # Tokens added on top of the SentencePiece model (none for Llama-2), as llama.cpp's converter adds them.
-        for i in range(len(tokens), len(tokenizer)):
-            tokens.append(tokenizer.convert_ids_to_tokens(i))
-            scores.append(-1000.0)
-            types.append(int(gguf.TokenType.CONTROL if i in tokenizer.all_special_ids else gguf.TokenType.USER_DEFINED))
-    else:
-        tokens, scores, types = _vocab_from_tokenizer_json(tokenizer)
-    if len(tokens) > vocab_size:
-        raise UserError(f"GGUF export: the tokenizer has {len(tokens)} tokens but the model's embedding only {vocab_size} rows")
-    # An embedding padded beyond the vocabulary gets placeholder tokens, as in llama.cpp's converter.
-    for i in range(len(tokens), vocab_size):
-        tokens.append(f"[PAD{i}]")
-        scores.append(-10000.0)
-        types.append(int(gguf.TokenType.UNUSED))
-
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(int(token_id))
-    # From what the tokenizer does, not its `add_bos_token` attribute: transformers >= 5 reports False for a
-    # reloaded Llama tokenizer whose post-processor still adds BOS.
-    probe = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
-    writer.add_add_eos_token(len(probe) > 1 and probe[-1] == tokenizer.eos_token_id)
-    template = chat_template or getattr(tokenizer, "chat_template", None) or LLAMA2_CHAT_TEMPLATE
-    writer.add_chat_template(template)
-
-
 def _tensor_plan(model, outtype: OutType) -> list[tuple[str, torch.Tensor, str, object]]:
     """(HF name, tensor, GGUF name, GGML type) per tensor, in the model's order; raises on a tensor llama.cpp has no name for.
 
@@ -341,7 +195,7 @@ def write_gguf(
     Args:
         model: A plain transformers Llama (no PEFT wrappers, no NF4 layers): `export`'s merged model.
         tokenizer: Its tokenizer. The SentencePiece `tokenizer.model` it was loaded from is used if it still
-            exists, else its tokenizer.json, which must be Llama-style (see `_vocab_from_tokenizer_json`).
+            exists, else its tokenizer.json, which must be Llama-style (see `gguf_vocab._vocab_from_tokenizer_json`).
         path: The file to write (`.gguf`). Written to a temporary file beside it, then renamed into place:
             a crash leaves the previous file (or none), never half a file.
         outtype: `f16` (a bf16 model's weights exactly, bar those under f16's normal range, 6e-5, which round
@@ -363,7 +217,7 @@ def write_gguf(
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
         _add_model_metadata(writer, config, outtype, name or Path(config.name_or_path or "llama").name or "llama")
-        _add_tokenizer_metadata(writer, tokenizer, config.vocab_size, chat_template)
+        add_tokenizer_metadata(writer, tokenizer, config.vocab_size, chat_template)
         # Announce every tensor's shape and type first (the header needs them), then convert and write one at a time.
         for _, tensor, gguf_name, qtype in plan:
             byte_shape = gguf.quant_shape_to_byte_shape(tuple(tensor.shape), qtype)

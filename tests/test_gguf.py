@@ -246,7 +246,7 @@ def test_a_tokenizer_json_without_tokenizer_model_gives_the_same_vocabulary(tmp_
     """transformers >= 5 saves only tokenizer.json, so a fit run's adapters/ hold no tokenizer.model."""
     from transformers import AutoTokenizer
 
-    from lima_lightning.gguf_export import _vocab_from_sentencepiece, _vocab_from_tokenizer_json
+    from lima_lightning.gguf_vocab import _vocab_from_sentencepiece, _vocab_from_tokenizer_json
     from lima_lightning.models.loading import load_tokenizer
 
     llama2_tokenizer.save_pretrained(tmp_path / "saved")
