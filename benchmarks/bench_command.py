@@ -36,6 +36,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lima_lightning.planning import LIMA_TOKENS_PER_EPOCH  # noqa: E402  (one home for LIMA's token count)
+
 FIT_CONFIGS = {"qlora": "llama2-7b-qlora.yaml", "lora": "llama2-7b-lora.yaml", "lowmem": "llama2-7b-qlora-lowmem.yaml"}
 PLAN_LINE = re.compile(r"model\.gradient_checkpointing=auto -> (.*)")
 
@@ -52,7 +56,13 @@ def newest_run_dir(root: Path) -> Path | None:
     return runs[-1] if runs else None
 
 
-LIMA_TOKENS = 701_115  # real tokens of one LIMA epoch at 2048 tokens (RESULTS.md)
+def base_row(run: str, budget: float, wall: float, status: int) -> dict:
+    return {"run": run, "budget_gib": budget, "wall_s": round(wall, 1), "exit": status}
+
+
+def last_line(output: str) -> str:
+    """A failed command's last line of output: its one-line error."""
+    return output.strip().splitlines()[-1][:300] if output.strip() else ""
 
 
 def plain_command(run: str, budget: float, args, root: Path) -> list[str]:
@@ -68,18 +78,18 @@ def plain_command(run: str, budget: float, args, root: Path) -> list[str]:
 
 
 def summarize_plain(run: str, budget: float, root: Path, output: str, wall: float, status: int) -> dict:
-    row: dict = {"run": run, "budget_gib": budget, "wall_s": round(wall, 1), "exit": status}
+    row = base_row(run, budget, wall, status)
     report = root / "bench_train.json"
     results = json.loads(report.read_text())["results"] if report.is_file() else []
     measured = next((r for r in results if "tokens_per_s" in r), None)
     if measured is None:
-        row["error"] = next((r["error"] for r in results if "error" in r), output.strip().splitlines()[-1][:300] if output.strip() else "")
+        row["error"] = next((r["error"] for r in results if "error" in r), last_line(output))
         return row
     load = re.search(r"model loaded in (\d+) s", output)
     load_s = float(load.group(1)) if load else 0.0
     rate, peak = measured["tokens_per_s"], measured["peak_gib"]
     row.update(steady_tokens_per_s=round(rate), peak_gib=peak and round(peak, 2), load_s=load_s)
-    row["three_epochs_estimate_s"] = round(load_s + 3 * LIMA_TOKENS / rate)
+    row["three_epochs_estimate_s"] = round(load_s + 3 * LIMA_TOKENS_PER_EPOCH / rate)
     return row
 
 
@@ -97,12 +107,12 @@ def command(run: str, budget: float, steps: int, args, adapters: dict[str, str],
 
 
 def summarize(run: str, budget: float, run_dir: Path | None, output: str, wall: float, status: int, args) -> dict:
-    row: dict = {"run": run, "budget_gib": budget, "wall_s": round(wall, 1), "exit": status}
+    row = base_row(run, budget, wall, status)
     plan = PLAN_LINE.findall(output)
     if plan:
         row["checkpointing_plan"] = plan[-1]
     if status != 0:
-        row["error"] = output.strip().splitlines()[-1][:300] if output.strip() else ""
+        row["error"] = last_line(output)
     if run_dir is None:
         return row
     phases = run_dir / "phases.json"
@@ -153,7 +163,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if run.startswith("plain-"):
             cli = [sys.executable, *plain_command(run, budget, args, root)]
         else:
-            own = [f"--{o}" if i % 2 == 0 else o for option in options for i, o in enumerate(option.split("=", 1))]
+            own = []  # this run's /OPTION=VALUE pairs, after everything else so that they win
+            for option in options:
+                key, _, value = option.partition("=")
+                own += [f"--{key}", value]
             cli = [sys.executable, "-m", "lima_lightning", *command(run, budget, int(steps or args.max_steps), args, adapters, root), *own]
         print(f"== {'/'.join([spec, *options])}: {' '.join(cli[1:])}", flush=True)
         started = time.perf_counter()

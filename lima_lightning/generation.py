@@ -112,16 +112,17 @@ def plan_chunks(config, prompt_lengths: list[int], max_new_tokens: int, dtype_by
     A chunk's rows are padded to its longest prompt, so a row joins the chunk while (rows + 1) x the per-row
     memory at the chunk's longest prompt still fits. With a budget of None (CPU) every row goes in one chunk.
     """
-    if budget_bytes is None or not prompt_lengths:
-        return [range(len(prompt_lengths))] if prompt_lengths else []
+    if not prompt_lengths:
+        return []
+    if budget_bytes is None:
+        return [range(len(prompt_lengths))]
     chunks, start, longest = [], 0, 0
     for row, length in enumerate(prompt_lengths):
         rows_per_chunk(config, 1, length, max_new_tokens, dtype_bytes, budget_bytes)  # raises if one such row cannot fit
-        widest = max(longest, length)
-        if row > start and (row - start + 1) * generation_bytes_per_row(config, widest, max_new_tokens, dtype_bytes) > budget_bytes:
-            chunks.append(range(start, row))
-            start, widest = row, length
-        longest = widest
+        longest = max(longest, length)
+        if row > start and (row - start + 1) * generation_bytes_per_row(config, longest, max_new_tokens, dtype_bytes) > budget_bytes:
+            chunks.append(range(start, row))  # this row starts the next chunk
+            start, longest = row, length
     chunks.append(range(start, len(prompt_lengths)))
     return chunks
 

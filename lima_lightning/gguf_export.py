@@ -32,11 +32,8 @@ from typing import Literal
 import torch
 
 from lima_lightning.errors import UserError
-from lima_lightning.gguf_vocab import LLAMA2_CHAT_TEMPLATE, add_tokenizer_metadata
+from lima_lightning.gguf_vocab import add_tokenizer_metadata
 from lima_lightning.models.verify import max_logit_difference
-
-# LLAMA2_CHAT_TEMPLATE lives with the vocabulary (`gguf_vocab`); it stays importable from here, beside write_gguf.
-__all__ = ["GGUF_LOGIT_BOUNDS", "LLAMA2_CHAT_TEMPLATE", "gguf_logit_bound", "rope_rows_for_llama_cpp", "verify_gguf", "write_gguf"]
 
 OutType = Literal["f16", "q8_0"]
 
@@ -201,7 +198,7 @@ def write_gguf(
         outtype: `f16` (a bf16 model's weights exactly, bar those under f16's normal range, 6e-5, which round
             by at most 3e-8) or `q8_0` (53% of the f16 size; see `GGUF_LOGIT_BOUNDS` for what it costs).
         name: `general.name` in the file (default: the base model's name).
-        chat_template: Jinja chat template to embed (default: the tokenizer's, else `LLAMA2_CHAT_TEMPLATE`).
+        chat_template: Jinja chat template to embed (default: the tokenizer's, else `gguf_vocab.LLAMA2_CHAT_TEMPLATE`).
     """
     import gguf
     import numpy as np

@@ -291,8 +291,9 @@ class LIMALoRAModule(L.LightningModule):
         self.model = None
 
     def teardown(self, stage: str) -> None:
-        if self.__dict__.get("_model_set_aside") is not None:
-            self.model = self.__dict__.pop("_model_set_aside")
+        model = self.__dict__.pop("_model_set_aside", None)
+        if model is not None:
+            self.model = model
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         # Seeded per batch, so a batch's samples do not depend on what ran before it.

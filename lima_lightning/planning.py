@@ -28,7 +28,7 @@ COMPILED_ACTIVATIONS = 0.85
 MEASURED_TOKENS_PER_SECOND = {
     "H200": {("nf4", True): (14818, None), ("nf4", False): (10775, 7834), ("none", True): (16350, None), ("none", False): (10599, None)},
 }
-LIMA_TOKENS_PER_EPOCH = 701_000  # real tokens of LIMA's training split at max_seq_length 2048
+LIMA_TOKENS_PER_EPOCH = 701_115  # real tokens of LIMA's training split at max_seq_length 2048 (benchmarks/RESULTS.md)
 
 
 def nf4_bytes(numel: int) -> float:

@@ -15,13 +15,13 @@ import torch
 
 from lima_lightning.errors import UserError
 from lima_lightning.gguf_export import (
-    LLAMA2_CHAT_TEMPLATE,
     _tensor_plan,
     gguf_logit_bound,
     rope_rows_for_llama_cpp,
     verify_gguf,
     write_gguf,
 )
+from lima_lightning.gguf_vocab import LLAMA2_CHAT_TEMPLATE
 from tests.conftest import LLAMA2_TOKENIZER, needs_llama2_tokenizer
 
 PROMPTS = torch.randint(3, 32000, (4, 24), generator=torch.Generator().manual_seed(0))

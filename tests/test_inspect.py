@@ -14,7 +14,8 @@ from html.parser import HTMLParser
 import pytest
 
 from lima_lightning.cli import main
-from lima_lightning.commands.inspect import LEFT_OUT_MARK, eos_problems, inspect_row, print_views, round_trip_problem
+from lima_lightning.commands.inspect_render import LEFT_OUT_MARK, print_views
+from lima_lightning.commands.inspect_view import eos_problems, inspect_row, round_trip_problem
 from lima_lightning.data.conversations import Conversation
 from lima_lightning.data.tokenization import IGNORE_INDEX
 from tests.conftest import LIMA_TRAIN, LLAMA2_TOKENIZER, REPO, needs_lima, needs_llama2_tokenizer
@@ -207,7 +208,7 @@ def test_a_tokenizer_that_loses_text_is_warned_about(tmp_path, no_model_weights,
 
 
 def test_cut_character_tokens_counts_the_bytes_of_a_split_character(tiny_tokenizer):
-    from lima_lightning.commands.inspect import cut_character_tokens
+    from lima_lightning.commands.inspect_view import cut_character_tokens
 
     def ids(text: str) -> list[int]:
         return tiny_tokenizer(text, add_special_tokens=False)["input_ids"]

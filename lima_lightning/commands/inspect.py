@@ -42,13 +42,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lima_lightning.commands.inspect_render import LEFT_OUT_MARK, print_views, render_html
-from lima_lightning.commands.inspect_view import cut_character_tokens, eos_problems, inspect_row, round_trip_problem
+# The command; one row's view (`inspect_view`) and its rendering (`inspect_render`) have their own modules.
+from lima_lightning.commands.inspect_render import print_views, render_html
+from lima_lightning.commands.inspect_view import inspect_row
 from lima_lightning.errors import UserError
-
-# The row view (`inspect_view`) and its rendering (`inspect_render`) have their own modules; the names tests
-# and callers import from the command stay importable here.
-__all__ = ["LEFT_OUT_MARK", "cut_character_tokens", "eos_problems", "inspect_row", "main", "print_views", "round_trip_problem"]
 
 DEFAULT_ROWS = 3
 
