@@ -69,3 +69,42 @@ def test_generation_benchmark_runs_every_configuration_on_the_gpu(tmp_path):
     for r in results:
         assert r.prompts_timed >= 1 and r.prompts_timed <= r.new_tokens <= 8 * r.prompts_timed, r
         assert r.peak_memory_gib is not None and r.peak_memory_gib > 0, r
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_cuda_graph_decoding_gives_the_tokens_of_eager_decoding(tiny_dir, tiny_tokenizer, quantization):
+    """decode_graphs on the real thing: captured and replayed steps, the same tokens as launching them one by one,
+    for an NF4 base with LoRA (the samples during fit) and a bf16 one under autocast (predict), greedy and
+    sampled, over two chunks (two captures)."""
+    from lima_lightning.decode_graphs import graphed_decoding
+    from lima_lightning.generation import GenerationSettings, generate
+    from lima_lightning.models.loading import add_lora, load_base_model
+
+    base = load_base_model(str(tiny_dir), quantization, torch.device("cuda"))
+    torch.manual_seed(0)
+    model = add_lora(base, 8, 16, 0.0, ["q_proj", "v_proj", "down_proj"]).eval()
+    for name, param in model.named_parameters():  # LoRA B starts at zero: make the adapter change the tokens
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    rows = [[1, 40, 41, 42, 43, 44], [1, 45, 46], [1, 47, 48, 49]]
+    ids = torch.tensor([[0] * (6 - len(r)) + r for r in rows], device="cuda")
+    mask = (ids != 0).long()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=quantization == "none")
+    for do_sample in (False, True):
+        options = dict(max_new_tokens=24, do_sample=do_sample, cache_implementation="static", disable_compile=True, pad_token_id=0, eos_token_id=None)
+        with autocast:
+            torch.manual_seed(1)
+            eager = [model.generate(input_ids=ids[c], attention_mask=mask[c], **options) for c in (slice(0, 2), slice(2, 3))]
+            with graphed_decoding(model) as graphed:
+                torch.manual_seed(1)
+                replayed = [model.generate(input_ids=ids[c], attention_mask=mask[c], **options) for c in (slice(0, 2), slice(2, 3))]
+        assert not graphed.failed and graphed.replays == 2 * 22, (do_sample, graphed.replays)
+        assert all(torch.equal(a, b) for a, b in zip(eager, replayed)), (do_sample, eager, replayed)
+        # Through generation.generate, as predict and the samples call it: the same answers either way.
+        settings = GenerationSettings(max_new_tokens=24, do_sample=do_sample, seed=0)
+        with autocast:
+            answers = {}
+            for graphs in (False, True):
+                torch.manual_seed(2)
+                answers[graphs] = generate(model, tiny_tokenizer, ids, mask, GenerationSettings(**{**settings.__dict__, "cuda_graphs": graphs}))
+        assert answers[True] == answers[False], answers
