@@ -63,7 +63,8 @@ def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_replayed_steps_give_the_tokens_of_step_by_step_decoding(lora_model, tiny_tokenizer, do_sample):
     ids, mask = left_padded([[1, 40, 41, 42, 43], [1, 44, 45], [1, 46, 47, 48]])
-    options = dict(max_new_tokens=12, do_sample=do_sample, temperature=1.5, top_p=0.95, cache_implementation="static", pad_token_id=0, eos_token_id=None)
+    options = dict(max_new_tokens=12, do_sample=do_sample, temperature=1.5, top_p=0.95, cache_implementation="static")
+    options |= dict(pad_token_id=0, eos_token_id=None)
     torch.manual_seed(3)
     expected = lora_model.generate(input_ids=ids, attention_mask=mask, **options)
     with graphed_decoding(lora_model, make_step=ReplayOnCPU) as graphed:

@@ -91,7 +91,8 @@ def test_cuda_graph_decoding_gives_the_tokens_of_eager_decoding(tiny_dir, tiny_t
     mask = (ids != 0).long()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=quantization == "none")
     for do_sample in (False, True):
-        options = dict(max_new_tokens=24, do_sample=do_sample, cache_implementation="static", disable_compile=True, pad_token_id=0, eos_token_id=None)
+        options = dict(max_new_tokens=24, do_sample=do_sample, cache_implementation="static", disable_compile=True)
+        options |= dict(pad_token_id=0, eos_token_id=None)
         with autocast:
             torch.manual_seed(1)
             eager = [model.generate(input_ids=ids[c], attention_mask=mask[c], **options) for c in (slice(0, 2), slice(2, 3))]
@@ -99,7 +100,7 @@ def test_cuda_graph_decoding_gives_the_tokens_of_eager_decoding(tiny_dir, tiny_t
                 torch.manual_seed(1)
                 replayed = [model.generate(input_ids=ids[c], attention_mask=mask[c], **options) for c in (slice(0, 2), slice(2, 3))]
         assert not graphed.failed and graphed.replays == 2 * 22, (do_sample, graphed.replays)
-        assert all(torch.equal(a, b) for a, b in zip(eager, replayed)), (do_sample, eager, replayed)
+        assert all(torch.equal(a, b) for a, b in zip(eager, replayed, strict=True)), (do_sample, eager, replayed)
         # Through generation.generate, as predict and the samples call it: the same answers either way.
         settings = GenerationSettings(max_new_tokens=24, do_sample=do_sample, seed=0)
         with autocast:
