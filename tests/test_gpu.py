@@ -102,10 +102,10 @@ def test_cuda_graph_decoding_gives_the_tokens_of_eager_decoding(tiny_dir, tiny_t
         assert not graphed.failed and graphed.replays == 2 * 22, (do_sample, graphed.replays)
         assert all(torch.equal(a, b) for a, b in zip(eager, replayed, strict=True)), (do_sample, eager, replayed)
         # Through generation.generate, as predict and the samples call it: the same answers either way.
-        settings = GenerationSettings(max_new_tokens=24, do_sample=do_sample, seed=0)
         with autocast:
             answers = {}
             for graphs in (False, True):
                 torch.manual_seed(2)
-                answers[graphs] = generate(model, tiny_tokenizer, ids, mask, GenerationSettings(**{**settings.__dict__, "cuda_graphs": graphs}))
+                settings = GenerationSettings(max_new_tokens=24, do_sample=do_sample, cuda_graphs=graphs)
+                answers[graphs] = generate(model, tiny_tokenizer, ids, mask, settings)
         assert answers[True] == answers[False], answers
