@@ -194,15 +194,15 @@ def generate(
             f"generation: {len(input_ids)} prompts in {len(chunks)} chunks of {sizes[0]}-{sizes[-1]} rows: their KV caches "
             f"would not fit the {budget / 2**30:.1f} GiB left for generation together"
         )
-    # Compiled decoding has CUDA graphs of its own; a dynamic cache changes shape every step.
-    graphs = settings.cuda_graphs and not settings.compile and cache == "static" and input_ids.device.type == "cuda"
     results = []
-    with graphed_decoding(model) if graphs else contextlib.nullcontext():
-        for rows in chunks:
-            first = full - max(widths[rows.start : rows.stop])  # padding columns no row of the chunk uses
-            chunk_ids = input_ids[rows.start : rows.stop, first:]
-            if not settings.compile:
-                size_static_cache_to_this_call(model)
+    for rows in chunks:
+        first = full - max(widths[rows.start : rows.stop])  # padding columns no row of the chunk uses
+        chunk_ids = input_ids[rows.start : rows.stop, first:]
+        if not settings.compile:
+            size_static_cache_to_this_call(model)
+        # One capture per chunk, released with it: a graph's output holds its chunk's KV cache, which must be
+        # gone before the next chunk allocates its own (kept through the next prefill, a 24 GiB predict ran out).
+        with graphed_decoding(model) if uses_cuda_graphs(settings, input_ids.device) else contextlib.nullcontext():
             output = model.generate(
                 input_ids=chunk_ids,
                 attention_mask=attention_mask[rows.start : rows.stop, first:],
@@ -216,11 +216,16 @@ def generate(
                 streamer=streamer or (TokenCounter(tokenizer.pad_token_id, progress.tokens) if progress is not None else None),
                 **sampling,
             )
-            completed = [describe_completion(row, tokenizer) for row in output[:, chunk_ids.shape[1] :].tolist()]
-            if progress is not None:
-                progress.prompts(len(completed))
-            results += completed
+        completed = [describe_completion(row, tokenizer) for row in output[:, chunk_ids.shape[1] :].tolist()]
+        if progress is not None:
+            progress.prompts(len(completed))
+        results += completed
     return results
+
+
+def uses_cuda_graphs(settings: GenerationSettings, device: torch.device) -> bool:
+    """Decoding steps replayed as CUDA graphs: on CUDA with a static cache, unless compiled (which has its own)."""
+    return settings.cuda_graphs and not settings.compile and settings.cache == "static" and device.type == "cuda"
 
 
 def size_static_cache_to_this_call(model) -> None:

@@ -193,6 +193,41 @@ def test_a_batch_larger_than_memory_is_generated_in_chunks_with_the_same_answers
     assert chunked == whole
 
 
+def test_chunks_decoded_from_cuda_graphs_answer_the_same_and_free_each_chunks_cache(greedy_model, tiny_tokenizer, monkeypatch):
+    """generation.cuda_graphs over chunks, with the CPU stand-in for a capture (tests/test_decode_graphs.py)."""
+    import functools
+    import gc
+
+    from transformers import StaticCache
+
+    import lima_lightning.generation as generation
+    from tests.test_decode_graphs import ReplayOnCPU
+
+    input_ids, attention_mask = left_padded_prompts(tiny_tokenizer)
+    settings = GenerationSettings(12, do_sample=False)
+    eager = generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, settings)
+    per_row = generation.generation_bytes_per_row(greedy_model.config, 9, 12, dtype_bytes=4)
+    monkeypatch.setattr(generation, "generation_memory_budget", lambda device: 2 * per_row + per_row // 2)  # 2 chunks
+    monkeypatch.setattr(generation, "uses_cuda_graphs", lambda settings, device: settings.cuda_graphs)
+    monkeypatch.setattr(generation, "graphed_decoding", functools.partial(generation.graphed_decoding, make_step=ReplayOnCPU))
+    caches_at_prefill = []
+
+    def count_caches(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:  # a chunk's prefill: the caches still alive besides its own
+            gc.collect()
+            caches_at_prefill.append(sum(isinstance(o, StaticCache) for o in gc.get_objects()))
+
+    hook = greedy_model.get_base_model().model.register_forward_pre_hook(count_caches, with_kwargs=True)
+    try:
+        graphed = generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, settings)
+    finally:
+        hook.remove()
+    assert graphed == eager
+    # Each prefill sees its own new cache only: the last chunk's went with its graph (a 24 GiB run ran out of
+    # memory while the first chunk's graph still held its cache).
+    assert caches_at_prefill == [1, 1]
+
+
 def test_compiled_decoding_keeps_one_shape_for_every_chunk(greedy_model, tiny_tokenizer, monkeypatch):
     import lima_lightning.generation as generation
 
