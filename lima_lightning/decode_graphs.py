@@ -101,7 +101,9 @@ def is_decoding_step(kwargs: dict) -> bool:
         isinstance(input_ids, torch.Tensor)
         and input_ids.shape[-1] == 1
         and getattr(cache, "is_compileable", False)  # static: its tensors stay where they are
-        and (mask is None or mask.dim() == 4)  # transformers builds the full-length 4D mask for a static cache
+        # transformers builds the full-length 4D mask for a static cache; flex attention's BlockMask is rebuilt
+        # on the host each step, so those steps stay eager.
+        and (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4))
     )
 
 

@@ -116,6 +116,8 @@ def test_only_single_token_steps_on_a_static_cache_are_replayed():
     assert not is_decoding_step({"input_ids": prompt, "past_key_values": cache, "attention_mask": mask4d})  # prefill
     assert not is_decoding_step({"input_ids": one, "past_key_values": dynamic, "attention_mask": mask4d})
     assert not is_decoding_step({"input_ids": one, "past_key_values": cache, "attention_mask": mask2d})  # grows each step
+    block_mask = type("BlockMask", (), {"shape": (2, 1, 1, 9)})()  # flex attention's: no tensor
+    assert not is_decoding_step({"input_ids": one, "past_key_values": cache, "attention_mask": block_mask})
     # The same shapes with another cache object, or another batch size: another graph.
     step = {"input_ids": one, "past_key_values": cache, "use_cache": True}
     assert call_signature(step) == call_signature({**step, "input_ids": one.clone()})
