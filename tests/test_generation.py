@@ -320,3 +320,14 @@ def test_merged_weight_bytes_counts_nf4_weights_unpacked(tiny_dir):
     plain = load_base_model(str(tiny_dir), "none", torch.device("cpu"))
     assert merged_weight_bytes(nf4, 2) == 2 * sum(p.numel() for p in plain.parameters())
     assert sum(p.numel() for p in nf4.parameters()) < sum(p.numel() for p in plain.parameters())  # packed: really unpacked above
+
+
+def test_cuda_graphs_are_used_on_cuda_with_a_static_cache_unless_compiled_or_off():
+    from lima_lightning.generation import uses_cuda_graphs
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert uses_cuda_graphs(GenerationSettings(), cuda)
+    assert not uses_cuda_graphs(GenerationSettings(), cpu)
+    assert not uses_cuda_graphs(GenerationSettings(cache="dynamic"), cuda)  # shapes change every step
+    assert not uses_cuda_graphs(GenerationSettings(compile=True), cuda)  # compiled decoding has graphs of its own
+    assert not uses_cuda_graphs(GenerationSettings(cuda_graphs=False), cuda)
