@@ -48,7 +48,7 @@ class GraphedForward:
     def __init__(self, forward, make_step=CudaGraphStep) -> None:
         self.forward, self.make_step = forward, make_step
         self.step = self.inputs = self.output = self.signature = None
-        self.seen: set = set()  # signatures that ran eagerly once: the warm-up the capture needs
+        self.warmed_up = None  # the signature that last ran eagerly: the warm-up a capture needs
         self.replays = 0
         self.failed = False
 
@@ -57,8 +57,8 @@ class GraphedForward:
             return self.forward(**kwargs)
         signature = call_signature(kwargs)
         if signature != self.signature:
-            if signature not in self.seen:  # a new cache or batch shape: run it once as it is, then capture
-                self.seen.add(signature)
+            if signature != self.warmed_up:  # a new cache or batch shape: run it once as it is, then capture
+                self.warmed_up = signature
                 return self.forward(**kwargs)
             self._capture(signature, kwargs)
             if self.failed:
@@ -74,11 +74,12 @@ class GraphedForward:
         self.inputs = {name: value.clone() for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
         step = self.make_step()
         inputs = {**kwargs, **self.inputs}
-        # Inside the capture, autocast must not cache casted weights: the cache would outlive the graph's memory.
-        autocast = torch.is_autocast_enabled("cuda")
-        dtype = torch.get_autocast_dtype("cuda")
+        # Inside the capture, autocast (as it is now, on or off) must not cache casted weights: the cache would
+        # outlive the graph's memory.
+        enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        autocast = torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
         try:
-            with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False) if autocast else contextlib.nullcontext():
+            with autocast:
                 self.output = step.capture(lambda: self.forward(**inputs))
         except RuntimeError as error:  # an operation that cannot be captured (a host sync in some model's code)
             rank_zero_info(f"generation: decoding without CUDA graphs ({str(error).splitlines()[0][:120]})")

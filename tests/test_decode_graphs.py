@@ -81,7 +81,7 @@ def test_replayed_steps_give_the_tokens_of_step_by_step_decoding(lora_model, tin
     assert "forward" not in lora_model.get_base_model().__dict__  # the model's own forward is back
 
 
-def test_a_replay_reads_its_own_steps_inputs(lora_model):
+def test_a_replay_reads_its_own_steps_inputs(lora_model, monkeypatch):
     """The control for the test above: a capture that is not fed each step's inputs gives other tokens."""
     ids, mask = left_padded([[1, 40, 41, 42, 43], [1, 44, 45]])
     options = dict(max_new_tokens=10, do_sample=False, cache_implementation="static", pad_token_id=0, eos_token_id=None)
@@ -96,13 +96,9 @@ def test_a_replay_reads_its_own_steps_inputs(lora_model):
 
     import lima_lightning.decode_graphs as decode_graphs
 
-    original = decode_graphs.GraphedForward
-    decode_graphs.GraphedForward = StaleInputs
-    try:
-        with graphed_decoding(lora_model, make_step=ReplayOnCPU):
-            got = lora_model.generate(input_ids=ids, attention_mask=mask, **options)
-    finally:
-        decode_graphs.GraphedForward = original
+    monkeypatch.setattr(decode_graphs, "GraphedForward", StaleInputs)
+    with graphed_decoding(lora_model, make_step=ReplayOnCPU):
+        got = lora_model.generate(input_ids=ids, attention_mask=mask, **options)
     assert not torch.equal(got, expected)
 
 
