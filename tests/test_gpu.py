@@ -109,3 +109,38 @@ def test_cuda_graph_decoding_gives_the_tokens_of_eager_decoding(tiny_dir, tiny_t
                 settings = GenerationSettings(max_new_tokens=24, do_sample=do_sample, cuda_graphs=graphs)
                 answers[graphs] = generate(model, tiny_tokenizer, ids, mask, settings)
         assert answers[True] == answers[False], answers
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_the_stop_check_one_step_behind_answers_as_the_per_step_check_on_cuda(tiny_dir, tiny_tokenizer, quantization, monkeypatch):
+    """generation.stop_check_one_step_behind with real CUDA events, under the CUDA graphs: every row stops at EOS
+    early (so the extra step is run and undone), the same answers as reading the stop flag every step."""
+    import lima_lightning.generation as generation
+    from lima_lightning.models.loading import add_lora, load_base_model
+    from tests.test_generation import count_deferred_stop_checks, stop_every_row_early
+
+    base = load_base_model(str(tiny_dir), quantization, torch.device("cuda"))
+    torch.manual_seed(0)
+    model = add_lora(base, 8, 16, 0.0, ["q_proj", "v_proj", "down_proj"]).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    rows = [[1, 40, 41, 42, 43, 44], [1, 45, 46], [1, 47, 48, 49], [1, 50]]
+    ids = torch.tensor([[0] * (6 - len(r)) + r for r in rows], device="cuda")
+    mask = (ids != 0).long()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=quantization == "none")
+    with autocast:
+        stop_every_row_early(model, tiny_tokenizer, ids, mask)
+    checks = count_deferred_stop_checks(monkeypatch)
+    settings = {do_sample: generation.GenerationSettings(60, do_sample=do_sample) for do_sample in (False, True)}
+    for do_sample in (False, True):
+        answers = {}
+        for devices in ((), ("cuda",)):
+            monkeypatch.setattr(generation, "DEFERRED_STOP_DEVICES", devices)
+            checks.clear()
+            torch.manual_seed(2)
+            with autocast:
+                answers[devices] = generation.generate(model, tiny_tokenizer, ids, mask, settings[do_sample])
+            assert len(checks) == len(devices), (do_sample, devices, checks)
+        assert answers[()] == answers[("cuda",)], answers
+        assert {a["finish_reason"] for a in answers[()]} == {"eos"}, answers[()]
