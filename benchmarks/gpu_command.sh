@@ -22,7 +22,7 @@ if [ -z "${NO_SMOKE:-}" ]; then
   smoke=(--config configs/llama2-7b-qlora.yaml --model.base_model tiny --gpu_memory_gib 24 --trainer.default_root_dir /tmp/smoke
          --trainer.enable_progress_bar false --data.max_seq_length 256 --data.max_tokens_per_batch 1024 --model.compile false)
   # First the GPU-only decoding path every run below takes: CUDA-graph steps must give the eager steps' tokens.
-  timeout 180 python3 -m pytest -m gpu tests/test_gpu.py -k "cuda_graph or one_step_behind" -p no:cacheprovider -q > "$OUT/smoke.log" 2>&1 \
+  timeout 180 python3 -m pytest -m gpu tests/test_gpu.py -k "cuda_graph or decoding_loop" -p no:cacheprovider -q > "$OUT/smoke.log" 2>&1 \
   && timeout 240 python3 -m lima_lightning fit "${smoke[@]}" --data.dataset .gpu/lima/train.jsonl --trainer.max_steps 6 \
     --trainer.val_check_interval 6 --trainer.limit_val_batches 2 >> "$OUT/smoke.log" 2>&1 \
   && timeout 120 python3 -m lima_lightning predict "${smoke[@]}" --config configs/predict.yaml --data.predict_dataset .gpu/lima/test.jsonl \

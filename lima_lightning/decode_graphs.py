@@ -1,13 +1,13 @@
-"""Decoding steps replayed as one CUDA graph each, under transformers' own `generate`.
+"""Decoding steps replayed as one CUDA graph each, under our decoding loop (`decoding`) or transformers' `generate`.
 
 Uncompiled decoding of a 7B model issues ~2,000 small kernels per new token (NF4 dequantization, LoRA, norms,
 attention), and the CPU issuing them is the bound at small batches: 70 ms a step for the 4 samples of an NF4 +
 LoRA model, 26 ms for a 24 GiB predict chunk (benchmarks/RESULTS.md), where the GPU's own work is a few ms.
-A static KV cache makes every decoding step of a `generate` call the same shapes at the same addresses, so the
+A static KV cache makes every decoding step of a call the same shapes at the same addresses, so the
 step can be captured once and replayed: one launch a token, and no compile (torch.compile's CUDA graphs cost
 about a minute for 7B before the first token).
 
-`graphed_decoding(model)` stands in for the model's `forward` during one `generate` call. The prefill and the
+`graphed_decoding(model)` stands in for the model's `forward` while a chunk of prompts is decoded. The prefill and the
 first decoding step run as they always do (the first step also warms up the kernels the capture records);
 the second step is captured, and it and every later step copy their inputs into the captured ones and replay.
 The same kernels run on the same values, so the tokens are the same as without graphs (tests/test_gpu.py
@@ -123,7 +123,7 @@ def call_signature(kwargs: dict) -> tuple:
 
 @contextlib.contextmanager
 def graphed_decoding(model, make_step=CudaGraphStep):
-    """For the `generate` calls inside: decoding steps of `model` (a transformers model, or PEFT around one)
+    """For the decoding inside: decoding steps of `model` (a transformers model, or PEFT around one)
     replayed as CUDA graphs. Yields the GraphedForward, whose `replays` says how many steps were replayed."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT calls the model inside
     original = target.forward

@@ -10,15 +10,13 @@ one shape for every chunk, so that it compiles once).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import transformers.generation.utils as hf_generation
 from lightning.pytorch.utilities import rank_zero_info
 
-from lima_lightning.decode_graphs import graphed_decoding
+from lima_lightning.decoding import decode, decodes_in_own_loop
 from lima_lightning.memory import budget_bytes
 
 GENERATION_MEMORY_FRACTION = 0.9  # of the memory budget; the rest is the allocator's and the CUDA context's slack
@@ -32,11 +30,14 @@ class GenerationSettings:
         max_new_tokens: Generation limit per prompt; a sequence that hits it ends with finish_reason `length`.
         do_sample: Sample (true) or decode greedily (false).
         temperature: Sampling temperature.
+        top_k: Sample among the k most likely tokens only (0: all); 50 is transformers' default.
         top_p: Nucleus sampling threshold.
         seed: Seed for sampling, so the same run gives the same generations.
         cache: KV cache. `static`: allocated once per chunk of prompts (prompt + max_new_tokens per row), no
-            copying while decoding; `dynamic`: grows (and is copied) every step. Either way a predict batch is
-            generated in as few chunks as fit the GPU's memory.
+            copying while decoding, decoded by our own loop (`decoding`: transformers' tokens without its host work
+            per step; sdpa and eager attention, others go through `generate`); `dynamic`: grows (and is copied)
+            every step, through transformers' `generate`. Either way a predict batch is generated in as few chunks
+            as fit the GPU's memory.
         merge: predict: merge the adapter into the base (bf16 on GPU, fp32 on CPU; an NF4 base is dequantized
             first, as `lima-lightning export` does) and generate with that: much faster from an NF4 base, whose
             4-bit matmuls are slow to generate with; needs the bf16 base's memory (~13 GB for 7B). Logits match the
@@ -52,6 +53,7 @@ class GenerationSettings:
     max_new_tokens: int = 500
     do_sample: bool = True
     temperature: float = 0.8
+    top_k: int = 50
     top_p: float = 0.9
     seed: int = 0
     cache: Literal["dynamic", "static"] = "static"
@@ -66,6 +68,8 @@ class GenerationSettings:
             found.append(f"model.generation.max_new_tokens={self.max_new_tokens}: must be >= 1")
         if self.do_sample and self.temperature <= 0:
             found.append(f"model.generation.temperature={self.temperature}: must be > 0 when sampling (do_sample: false for greedy)")
+        if self.top_k < 0:
+            found.append(f"model.generation.top_k={self.top_k}: must be >= 0 (0 samples among all tokens)")
         if self.do_sample and not 0 < self.top_p <= 1:
             found.append(f"model.generation.top_p={self.top_p}: must be in (0, 1]")
         return found
@@ -180,7 +184,7 @@ def generate(
     progress: an object with `tokens(n)` and `prompts(n)` (see `progress.GenerationProgress`), told as it goes.
     streamer: a transformers streamer that receives the tokens as they are generated (chat: one row only).
     """
-    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
+    sampling = {"temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p} if settings.do_sample else {}
     cache = "static" if settings.compile else settings.cache
     dtype_bytes = model.dtype.itemsize  # the KV cache is kept in the model's dtype
     budget = generation_memory_budget(input_ids.device)
@@ -195,71 +199,45 @@ def generate(
             f"generation: {len(input_ids)} prompts in {len(chunks)} chunks of {sizes[0]}-{sizes[-1]} rows: their KV caches "
             f"would not fit the {budget / 2**30:.1f} GiB left for generation together"
         )
-    results = []
+    results, eos, pad = [], tokenizer.eos_token_id, tokenizer.pad_token_id
     for rows in chunks:
         first = full - max(widths[rows.start : rows.stop])  # padding columns no row of the chunk uses
-        chunk_ids = input_ids[rows.start : rows.stop, first:]
-        if not settings.compile:
+        chunk_ids, chunk_mask = input_ids[rows.start : rows.stop, first:], attention_mask[rows.start : rows.stop, first:]
+        if uses_own_loop(model, settings):
+            on_tokens = progress.tokens if progress is not None else None
+            graphs = uses_cuda_graphs(settings, input_ids.device)
+            new_ids = decode(model, chunk_ids, chunk_mask, settings, eos, pad, graphs=graphs, on_tokens=on_tokens, streamer=streamer)
+        else:
             size_static_cache_to_this_call(model)
-        # One capture per chunk, released with it: a graph's output holds its chunk's KV cache, which must be
-        # gone before the next chunk allocates its own (kept through the next prefill, a 24 GiB predict ran out).
-        graphs = graphed_decoding(model) if uses_cuda_graphs(settings, input_ids.device) else contextlib.nullcontext()
-        with graphs, stop_check_one_step_behind(input_ids.device):
             output = model.generate(
                 input_ids=chunk_ids,
-                attention_mask=attention_mask[rows.start : rows.stop, first:],
+                attention_mask=chunk_mask,
                 max_new_tokens=settings.max_new_tokens,
                 do_sample=settings.do_sample,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+                pad_token_id=pad,
                 use_cache=True,
                 cache_implementation=cache,
                 disable_compile=not settings.compile,  # transformers compiles static-cache decoding on CUDA by itself
-                streamer=streamer or (TokenCounter(tokenizer.pad_token_id, progress.tokens) if progress is not None else None),
+                streamer=streamer or (TokenCounter(pad, progress.tokens) if progress is not None else None),
                 **sampling,
             )
-        completed = [describe_completion(row, tokenizer) for row in output[:, chunk_ids.shape[1] :].tolist()]
+            new_ids = output[:, chunk_ids.shape[1] :]
+        completed = [describe_completion(row, tokenizer) for row in new_ids.tolist()]
         if progress is not None:
             progress.prompts(len(completed))
         results += completed
     return results
 
 
+def uses_own_loop(model, settings: GenerationSettings) -> bool:
+    """`decoding.decode` rather than transformers' `generate`: a static cache, uncompiled, an attention it masks."""
+    return settings.cache == "static" and not settings.compile and decodes_in_own_loop(model)
+
+
 def uses_cuda_graphs(settings: GenerationSettings, device: torch.device) -> bool:
-    """Decoding steps replayed as CUDA graphs: on CUDA with a static cache, unless compiled (which has its own)."""
+    """Decoding steps replayed as CUDA graphs (in the own loop): on CUDA with a static cache, unless compiled."""
     return settings.cuda_graphs and not settings.compile and settings.cache == "static" and device.type == "cuda"
-
-
-# Devices whose streams have events, which the deferred stop check waits on (the CPU runs each step to its end anyway).
-DEFERRED_STOP_DEVICES = ("cuda",)
-
-
-@contextlib.contextmanager
-def stop_check_one_step_behind(device: torch.device):
-    """For the `generate` calls inside: transformers reads each step's "all rows finished?" one step late.
-
-    `generate` asks the GPU after every step whether all rows are finished, so the host waits for each step to
-    end before it prepares the next (inputs, the 4D mask, the sampler: ~7 ms a step for 7B) and the GPU idles
-    meanwhile: at 24 GiB a predict step took 12.1 ms for ~5.4 ms of GPU work. transformers' own
-    `DeferredStopCheck` copies the flag asynchronously and reads it at the next step, then undoes the one extra
-    step it ran; it enables that on Apple GPUs only ("on CUDA if we observe gains"). The same tokens either
-    way (tests/test_generation.py, tests/test_gpu.py); without that class (another transformers) nothing changes.
-    """
-    deferred = getattr(hf_generation, "DeferredStopCheck", None)
-    if deferred is None or device.type not in DEFERRED_STOP_DEVICES:
-        yield
-        return
-    original = deferred.__dict__["is_supported"]
-
-    def is_supported(device, cache, cache_is_returned, is_assistant=False) -> bool:
-        # transformers' own conditions, less the device: a returned cache must be croppable to undo the extra step.
-        return not is_assistant and (cache is None or getattr(cache, "is_croppable", False) or not cache_is_returned)
-
-    deferred.is_supported = staticmethod(is_supported)
-    try:
-        yield
-    finally:
-        deferred.is_supported = original
 
 
 def size_static_cache_to_this_call(model) -> None:

@@ -164,32 +164,33 @@ def test_static_and_dynamic_cache_give_the_same_greedy_answers(greedy_model, tin
     assert len({a["response"] for a in answers["static"]}) > 1  # the prompts do lead to different answers
 
 
-def test_a_batch_larger_than_memory_is_generated_in_chunks_with_the_same_answers(greedy_model, tiny_tokenizer, monkeypatch):
+@pytest.mark.parametrize("cache", ["static", "dynamic"])  # our decoding loop, transformers' generate
+def test_a_batch_larger_than_memory_is_generated_in_chunks_with_the_same_answers(greedy_model, tiny_tokenizer, monkeypatch, cache):
     import lima_lightning.generation as generation
 
     input_ids, attention_mask = left_padded_prompts(tiny_tokenizer)
-    settings = GenerationSettings(12, do_sample=False)
+    settings = GenerationSettings(12, do_sample=False, cache=cache)
     whole = generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, settings)
-    calls, cache_lengths = [], []
+    prefills, cache_lengths = [], []
 
-    def recorded(**kw):
-        calls.append(tuple(kw["input_ids"].shape))
-        output = original(**kw)
-        # The length transformers made this call's static cache (it sets this on the model it generated with).
-        cache_lengths.append(max(m.__dict__.get("_previous_max_cache_length", 0) for m in greedy_model.modules()))
-        return output
+    def record_prefill(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefills.append(tuple(kwargs["input_ids"].shape))
+            layers = getattr(kwargs.get("cache", kwargs.get("past_key_values")), "layers", None) or [None]
+            cache_lengths.append(getattr(layers[0], "max_cache_len", None))
 
-    original = greedy_model.generate
-    monkeypatch.setattr(greedy_model, "generate", recorded)
     # A budget of 2.5 rows at the longest prompt (9 tokens): the first two rows, then the other three (prompts of
     # 6, 4 and 2 tokens) trimmed to 6 columns, where three rows' caches fit.
     per_row = generation.generation_bytes_per_row(greedy_model.config, 9, 12, dtype_bytes=4)
     monkeypatch.setattr(generation, "generation_memory_budget", lambda device: 2 * per_row + per_row // 2)
-    chunked = generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, settings)
-    assert calls == [(2, 9), (3, 6)]
-    # Each chunk's cache as long as its own prompt + max_new_tokens (transformers leaves out the last token's slot),
-    # not as long as the longest so far.
-    assert cache_lengths[0] in (9 + 12, 9 + 12 - 1) and cache_lengths == [cache_lengths[0], cache_lengths[0] - 3]
+    hook = greedy_model.get_base_model().register_forward_pre_hook(record_prefill, with_kwargs=True)
+    try:
+        chunked = generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, settings)
+    finally:
+        hook.remove()
+    assert prefills == [(2, 9), (3, 6)]
+    if cache == "static":  # each chunk's cache as long as its own prompt + max_new_tokens - 1 (the last token's slot)
+        assert cache_lengths == [9 + 12 - 1, 6 + 12 - 1]
     assert chunked == whole
 
 
@@ -201,6 +202,7 @@ def test_chunks_decoded_from_cuda_graphs_answer_the_same_and_free_each_chunks_ca
     from transformers import StaticCache
 
     import lima_lightning.generation as generation
+    from lima_lightning import decoding
     from tests.test_decode_graphs import ReplayOnCPU
 
     input_ids, attention_mask = left_padded_prompts(tiny_tokenizer)
@@ -209,7 +211,7 @@ def test_chunks_decoded_from_cuda_graphs_answer_the_same_and_free_each_chunks_ca
     per_row = generation.generation_bytes_per_row(greedy_model.config, 9, 12, dtype_bytes=4)
     monkeypatch.setattr(generation, "generation_memory_budget", lambda device: 2 * per_row + per_row // 2)  # 2 chunks
     monkeypatch.setattr(generation, "uses_cuda_graphs", lambda settings, device: settings.cuda_graphs)
-    monkeypatch.setattr(generation, "graphed_decoding", functools.partial(generation.graphed_decoding, make_step=ReplayOnCPU))
+    monkeypatch.setattr(decoding, "graphed_decoding", functools.partial(decoding.graphed_decoding, make_step=ReplayOnCPU))
     caches_at_prefill = []
 
     def count_caches(module, args, kwargs):
@@ -331,85 +333,3 @@ def test_cuda_graphs_are_used_on_cuda_with_a_static_cache_unless_compiled_or_off
     assert not uses_cuda_graphs(GenerationSettings(cache="dynamic"), cuda)  # shapes change every step
     assert not uses_cuda_graphs(GenerationSettings(compile=True), cuda)  # compiled decoding has graphs of its own
     assert not uses_cuda_graphs(GenerationSettings(cuda_graphs=False), cuda)
-
-
-@torch.no_grad()
-def stop_every_row_early(model, tokenizer, input_ids, attention_mask) -> None:
-    """Point EOS's output row along the mean hidden state of the model's answers: every row then stops at EOS
-    within a few dozen tokens, at different steps."""
-    greedy = dict(max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
-    answered = model.generate(input_ids=input_ids, attention_mask=attention_mask, **greedy)
-    answered_mask = torch.cat([attention_mask, torch.ones_like(answered[:, input_ids.shape[1] :])], 1)
-    hidden = model(input_ids=answered, attention_mask=answered_mask, output_hidden_states=True).hidden_states[-1][:, input_ids.shape[1] :]
-    direction = model.get_base_model().model.norm(hidden).flatten(0, 1).float().mean(0)
-    head = model.get_output_embeddings().weight
-    head[tokenizer.eos_token_id] = (2 * head.float().norm(dim=1).mean() * direction / direction.norm()).to(head.dtype)
-
-
-def count_deferred_stop_checks(monkeypatch) -> list:
-    """A list that gets an entry each time transformers makes a DeferredStopCheck (one per `generate` using it)."""
-    import transformers.generation.utils as hf_generation
-
-    made, original_init = [], hf_generation.DeferredStopCheck.__init__
-    monkeypatch.setattr(hf_generation.DeferredStopCheck, "__init__", lambda self, *a, **kw: made.append(1) or original_init(self, *a, **kw))
-    return made
-
-
-class EventOnCPU:
-    """torch.Event for the CPU, which has none: its steps have ended by the time the host reads their results."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def record(self) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-
-class Counts:
-    """A progress recorder: tokens told per step, prompts told per chunk."""
-
-    def __init__(self) -> None:
-        self.tokens_told, self.prompts_told = [], []
-
-    def tokens(self, n: int) -> None:
-        self.tokens_told.append(n)
-
-    def prompts(self, n: int) -> None:
-        self.prompts_told.append(n)
-
-
-def test_the_stop_check_one_step_behind_gives_the_answers_and_progress_of_the_per_step_check(greedy_model, tiny_tokenizer, monkeypatch):
-    """stop_check_one_step_behind on the CPU (events stood in for): transformers' deferred check really runs,
-    runs the one extra step and undoes it, and nothing a user sees changes, greedy or sampled, either cache."""
-    import copy
-
-    import transformers.generation.utils as hf_generation
-
-    import lima_lightning.generation as generation
-
-    model = copy.deepcopy(greedy_model)
-    input_ids, attention_mask = left_padded_prompts(tiny_tokenizer)
-    stop_every_row_early(model, tiny_tokenizer, input_ids, attention_mask)
-    steps, deferred_checks = [], count_deferred_stop_checks(monkeypatch)
-    model.get_base_model().model.register_forward_pre_hook(lambda m, a, kw: steps.append(kw["input_ids"].shape[1]), with_kwargs=True)
-    monkeypatch.setattr(torch, "Event", EventOnCPU)
-    original_is_supported = hf_generation.DeferredStopCheck.__dict__["is_supported"]
-    for settings in (GenerationSettings(40, do_sample=False, cache="static"), GenerationSettings(40, seed=3, cache="dynamic")):
-        runs = {}
-        for devices in (("cuda",), ("cuda", "cpu")):
-            monkeypatch.setattr(generation, "DEFERRED_STOP_DEVICES", devices)
-            steps.clear(), deferred_checks.clear()
-            torch.manual_seed(settings.seed)
-            counts = Counts()
-            answers = generate(model, tiny_tokenizer, input_ids, attention_mask, settings, progress=counts)
-            runs[devices] = answers, counts.tokens_told, counts.prompts_told, len(steps), len(deferred_checks)
-        (per_step, *told, n_steps, n_checks), (behind, *told_behind, n_steps_behind, n_checks_behind) = runs.values()
-        # All stop early, at different steps: the loop ends by the check, after rows that finished were padded.
-        assert {a["finish_reason"] for a in per_step} == {"eos"} and len({a["new_tokens"] for a in per_step}) > 1, per_step
-        assert behind == per_step and told_behind == told, settings
-        assert (n_checks, n_checks_behind) == (0, 1), settings
-        assert n_steps_behind == n_steps + 1, settings  # the step run before the check read "all finished", undone
-    assert hf_generation.DeferredStopCheck.__dict__["is_supported"] is original_is_supported  # put back

@@ -112,12 +112,16 @@ def test_cuda_graph_decoding_gives_the_tokens_of_eager_decoding(tiny_dir, tiny_t
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "none"])
-def test_the_stop_check_one_step_behind_answers_as_the_per_step_check_on_cuda(tiny_dir, tiny_tokenizer, quantization, monkeypatch):
-    """generation.stop_check_one_step_behind with real CUDA events, under the CUDA graphs: every row stops at EOS
-    early (so the extra step is run and undone), the same answers as reading the stop flag every step."""
-    import lima_lightning.generation as generation
+def test_our_decoding_loop_gives_the_tokens_of_generate_on_cuda(tiny_dir, tiny_tokenizer, quantization, monkeypatch):
+    """decoding.decode with its steps replayed as CUDA graphs (and without) against transformers' `generate` with a
+    static cache, launched step by step: the same tokens, greedy and sampled, rows running to the limit and rows
+    all stopping at EOS early; NF4 + LoRA (the samples during fit) and bf16 under autocast (predict)."""
+    import contextlib
+
+    from lima_lightning import decoding
+    from lima_lightning.generation import GenerationSettings
     from lima_lightning.models.loading import add_lora, load_base_model
-    from tests.test_generation import count_deferred_stop_checks, stop_every_row_early
+    from tests.test_decoding import generate_new_tokens, stop_every_row_early
 
     base = load_base_model(str(tiny_dir), quantization, torch.device("cuda"))
     torch.manual_seed(0)
@@ -128,19 +132,29 @@ def test_the_stop_check_one_step_behind_answers_as_the_per_step_check_on_cuda(ti
     rows = [[1, 40, 41, 42, 43, 44], [1, 45, 46], [1, 47, 48, 49], [1, 50]]
     ids = torch.tensor([[0] * (6 - len(r)) + r for r in rows], device="cuda")
     mask = (ids != 0).long()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=quantization == "none")
-    with autocast:
-        stop_every_row_early(model, tiny_tokenizer, ids, mask)
-    checks = count_deferred_stop_checks(monkeypatch)
-    settings = {do_sample: generation.GenerationSettings(60, do_sample=do_sample) for do_sample in (False, True)}
-    for do_sample in (False, True):
-        answers = {}
-        for devices in ((), ("cuda",)):
-            monkeypatch.setattr(generation, "DEFERRED_STOP_DEVICES", devices)
-            checks.clear()
-            torch.manual_seed(2)
-            with autocast:
-                answers[devices] = generation.generate(model, tiny_tokenizer, ids, mask, settings[do_sample])
-            assert len(checks) == len(devices), (do_sample, devices, checks)
-        assert answers[()] == answers[("cuda",)], answers
-        assert {a["finish_reason"] for a in answers[()]} == {"eos"}, answers[()]
+    graphed = []
+    original = decoding.graphed_decoding
+
+    @contextlib.contextmanager
+    def recorded(model):
+        with original(model) as forward:
+            graphed.append(forward)
+            yield forward
+
+    monkeypatch.setattr(decoding, "graphed_decoding", recorded)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=quantization == "none"):
+        for kind in ("running", "stopping"):
+            if kind == "stopping":
+                stop_every_row_early(model, tiny_tokenizer, ids, mask)
+            for settings in (GenerationSettings(40, do_sample=False), GenerationSettings(40, temperature=1.3, top_k=20, top_p=0.8)):
+                torch.manual_seed(5)
+                expected = generate_new_tokens(model, tiny_tokenizer, ids, mask, settings)
+                for graphs in (False, True):
+                    torch.manual_seed(5)
+                    ours = decoding.decode(model, ids, mask, settings, eos, pad, graphs=graphs)
+                    assert torch.equal(ours[:, : expected.shape[1]], expected), (kind, settings, graphs, ours, expected)
+                    assert set(ours[:, expected.shape[1] :].flatten().tolist()) <= {pad}
+            if kind == "stopping":  # EOS reached, so the finished rows' padding is compared too
+                assert (expected == eos).any(1).any(), expected
+    assert len(graphed) == 4 and all(not g.failed and g.replays > 0 for g in graphed), [(g.failed, g.replays) for g in graphed]

@@ -261,7 +261,8 @@ def module_generator(module):
 
 def describe(model: dict, data, device) -> str:
     settings = model["generation"]
-    decoding = "greedy" if not settings["do_sample"] else f"sampling (temperature {settings['temperature']}, top_p {settings['top_p']})"
+    sampling = f"sampling (temperature {settings['temperature']}, top_k {settings.get('top_k', 50)}, top_p {settings['top_p']})"
+    decoding = "greedy" if not settings["do_sample"] else sampling
     adapter = f" + adapter {model['adapter_path']}" if model.get("adapter_path") else " (base model, no adapter)"
     return (
         f"chat: {model['base_model']}{adapter} on {device}; data.template={data.template}, {decoding}, "

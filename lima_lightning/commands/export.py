@@ -56,7 +56,7 @@ def generation_config(tokenizer, settings: GenerationSettings):
     """BOS/EOS/pad ids of the tokenizer (Llama-2: 1, 2, and <unk>=0 as pad) and the run's sampling settings."""
     from transformers import GenerationConfig
 
-    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
+    sampling = {"temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p} if settings.do_sample else {}
     return GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
