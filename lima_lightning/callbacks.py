@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lima_lightning import runs
+from lima_lightning.checkpointing import finish_checkpoint_write
 from lima_lightning.data.collate import pad_for_generation
 from lima_lightning.data.sampling import Masked
 from lima_lightning.data.tokenization import prompts_for_generation
@@ -111,6 +112,7 @@ class SaveAdapters(Callback):
 
     def _keep_after_oom(self, trainer, pl_module) -> str:
         """Save `adapters/last-good` if the weights are those of the last completed step; say what was kept."""
+        finish_checkpoint_write(trainer)  # a last.ckpt still being written is there before the line points at it
         checkpoint = runs.checkpoint_dir(runs.run_dir(trainer)) / runs.LAST_CHECKPOINT
         resume = f"; {checkpoint} resumes" if checkpoint.is_file() else ""
         if getattr(self, "_updating", None) is not None:

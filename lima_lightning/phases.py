@@ -2,10 +2,10 @@
 
 What users feel is the time from pressing enter to holding an adapter (or predictions), not steady-state
 tokens/s: startup (Python and imports), reading and tokenizing data, loading (and quantizing) the model,
-the memory probe, compiling, training, validation with samples, checkpoint writes, saving adapters,
-generating. Code that does one of these wraps it in `PHASES.timed(name)`; `PhaseReport` prints and saves the
-split when the command ends. Compile time is torch's own count of it (dynamo and backward compiles), taken out
-of the steps it happened in.
+the memory probe, compiling, training, validation with samples, checkpoints (the copy a save takes; the file
+is written behind training, and a wait for it is `checkpoint wait`), saving adapters, generating. Code that does
+one of these wraps it in `PHASES.timed(name)`; `PhaseReport` prints and saves the split when the command ends.
+Compile time is torch's own count of it (dynamo and backward compiles), taken out of the steps it happened in.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Imported only when one of them runs (Lightning takes seconds to import). What it
   the base model;
 - a short `--help` that starts with the project's own options (`--help=full`: LightningCLI's whole text);
 - a bad option is one line naming the nearest valid one;
-- resuming into the same run dir (`--ckpt_path last`), atomic checkpoint writes;
+- resuming into the same run dir (`--ckpt_path last`), atomic checkpoint writes (`last.ckpt`'s behind training);
 - a quiet console (`quiet_trainer`, `lima_lightning.console`) and the few lines that end a fit.
 """
 
@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lima_lightning import console, failures
 from lima_lightning.callbacks import PredictionWriter, SampleGenerations, SaveAdapters, ValidationWriter
 from lima_lightning.checkpointing import (
+    AsyncAtomicCheckpointIO,
     AtomicCheckpointIO,
     ResumableCheckpoint,
     check_not_finished,
@@ -271,9 +272,9 @@ class LimaCLI(LightningCLI):
         with failures.trainer_config_errors(self._get(self.config, "trainer", {}).get("accelerator")):
             trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(failures.TidyFailedRun())  # a run that fails before training leaves no run dir
-        # Atomic checkpoint writes and weights_only reads, unless a plugin chose another CheckpointIO.
+        # Atomic checkpoint writes (last.ckpt's in the background) and weights_only reads, unless a plugin chose another.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            trainer.strategy.checkpoint_io = AsyncAtomicCheckpointIO(AtomicCheckpointIO())
         # Lightning's default progress bar and model summary, quieter; callbacks the user configured are kept.
         user_callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         quiet_trainer(trainer, keep=user_callbacks if isinstance(user_callbacks, list) else [user_callbacks])

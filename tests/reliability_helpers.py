@@ -25,6 +25,10 @@ class HangAtStep(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
+            from lima_lightning.checkpointing import wait_for_checkpoint
+
+            # Killed well after the last save: its file is on disk (killed while it is written, the one before it is).
+            wait_for_checkpoint(trainer)
             Path(self.marker).write_text(str(trainer.global_step))
             time.sleep(600)
 
@@ -39,6 +43,9 @@ class MemoryProbe(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         import psutil
 
+        from lima_lightning.checkpointing import finish_checkpoint_write
+
+        finish_checkpoint_write(trainer)  # a snapshot still being written is not a leak; one kept after its write is
         gc.collect()
         self.rss_mib.append(psutil.Process().memory_info().rss / 2**20)
         self.live_tensors.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)))

@@ -5,6 +5,7 @@ checkpoints, adapters, predictions, reports, samples. Files and directories get 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -109,6 +110,21 @@ def test_a_disk_that_fills_up_while_checkpointing_stops_the_run_in_one_line(smal
 
 
 @pytest.mark.slow
+def test_a_disk_full_under_the_last_checkpoint_write_stops_the_run_in_one_line_at_the_end_of_fit(tmp_path, capsys, monkeypatch):
+    """The one checkpoint (the epoch end's) is written behind the final adapter save: its failure is the end's wait."""
+    full = FullAfter(monkeypatch, "last.ckpt", after=100)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *demo_args(tmp_path, *SHORT, "--checkpoint.every_n_train_steps", "0"))
+    assert exit_info.value.code == 1 and full.hits == 1
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert last_err_line(capsys) == (
+        f"lima-lightning: error: cannot write {run / 'checkpoints' / 'last.ckpt'}: no space left on the device (ENOSPC); "
+        "nothing was left half-written; free some space, or write elsewhere with --trainer.default_root_dir"
+    )
+    assert (run / "adapters" / "final").is_dir() and not visible(run / "checkpoints") and not leftovers(run)
+
+
+@pytest.mark.slow
 def test_a_checkpoint_dir_gone_read_only_stops_the_run_in_one_line(tmp_path, capsys):
     """A real read-only directory (a read-only bind mount: root ignores permission bits, not a read-only mount)."""
     checkpoints = tmp_path / "read-only"
@@ -138,15 +154,18 @@ def module(tiny_dir):
     return module
 
 
-def test_checkpoint_write_that_fills_the_disk_part_way_keeps_the_previous_one(tmp_path, monkeypatch):
-    from lima_lightning.checkpointing import AtomicCheckpointIO
+@pytest.mark.parametrize("behind", [False, True], ids=["synchronous", "behind"])
+def test_checkpoint_write_that_fills_the_disk_part_way_keeps_the_previous_one(tmp_path, monkeypatch, behind):
+    from lima_lightning.checkpointing import AsyncAtomicCheckpointIO
     from lima_lightning.io import WriteError
 
-    io, target = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io, target = AsyncAtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"global_step": 1, "w": torch.zeros(1000)}, target)
     full = FullAfter(monkeypatch, "last.ckpt", after=700)
     with pytest.raises(WriteError) as error:  # torch itself raises "RuntimeError: ... unexpected pos 704 vs 598"
-        io.save_checkpoint({"global_step": 2, "w": torch.ones(1000)}, target)
+        with io.writing_behind() if behind else contextlib.nullcontext():
+            io.save_checkpoint({"global_step": 2, "w": torch.ones(1000)}, target)
+        io.wait()  # behind training: where the end of fit, or the next save, finds the failure
     monkeypatch.undo()
     assert full.hits == 1 and (error.value.errno, error.value.filename, error.value.existed) == (errno.ENOSPC, str(target), True)
     assert visible(tmp_path) == ["last.ckpt"] and not leftovers(tmp_path)

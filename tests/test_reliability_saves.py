@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -84,7 +85,20 @@ def cli_checkpoint_io(root: Path):
     return cli.trainer.strategy.checkpoint_io
 
 
-def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_even_across_filesystems(tmp_path, monkeypatch):
+def writing(io, how: str):
+    """`how` a save goes: "synchronous", or "behind" training (last.ckpt's way: `io.wait()` is where it ends)."""
+    return io.writing_behind() if how == "behind" else contextlib.nullcontext()
+
+
+def test_the_cli_writes_last_ckpt_behind_training_by_default(tmp_path):
+    from lima_lightning.checkpointing import AsyncAtomicCheckpointIO, AtomicCheckpointIO
+
+    io = cli_checkpoint_io(tmp_path)
+    assert type(io) is AsyncAtomicCheckpointIO and type(io.checkpoint_io) is AtomicCheckpointIO
+
+
+@pytest.mark.parametrize("how", ["synchronous", "behind"])
+def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_even_across_filesystems(tmp_path, monkeypatch, how):
     """Lightning's TorchCheckpointIO stages the file in the system temp dir and `shutil.move`s it: across
     filesystems (a local /tmp, a network run dir) that is a copy, and a kill mid-copy leaves half a last.ckpt."""
     io = cli_checkpoint_io(tmp_path)
@@ -110,7 +124,9 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_even_across
     monkeypatch.setattr(shutil, "copy2", copy_killed_halfway)
     monkeypatch.setattr(shutil, "copyfile", copy_killed_halfway)
     try:
-        io.save_checkpoint({"global_step": 2, "weights": torch.arange(10_000.0)}, target)
+        with writing(io, how):
+            io.save_checkpoint({"global_step": 2, "weights": torch.arange(10_000.0)}, target)
+        io.wait()
     except KeyboardInterrupt:
         pass
     monkeypatch.undo()
@@ -118,10 +134,11 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_even_across
     assert visible(target.parent) == ["last.ckpt"]
 
 
-def test_a_failing_checkpoint_write_removes_its_temporary_file(tmp_path, monkeypatch):
-    from lima_lightning.checkpointing import AtomicCheckpointIO
+@pytest.mark.parametrize("how", ["synchronous", "behind"])
+def test_a_failing_checkpoint_write_removes_its_temporary_file(tmp_path, monkeypatch, how):
+    from lima_lightning.checkpointing import AsyncAtomicCheckpointIO
 
-    io = AtomicCheckpointIO()
+    io = AsyncAtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
     io.save_checkpoint({"global_step": 1}, target)
 
@@ -131,6 +148,8 @@ def test_a_failing_checkpoint_write_removes_its_temporary_file(tmp_path, monkeyp
 
     monkeypatch.setattr(torch, "save", torn)
     with pytest.raises(OSError):
-        io.save_checkpoint({"global_step": 2}, target)
+        with writing(io, how):
+            io.save_checkpoint({"global_step": 2}, target)
+        io.wait()
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"] and io.load_checkpoint(target)["global_step"] == 1

@@ -1,5 +1,5 @@
 """Tests for bugs that once survived the suite (each planted, seen to fail here, then removed; see docs/guarantees.md):
-decoding that never stops at EOS, and a checkpoint written straight to its final name."""
+decoding that never stops at EOS, and a checkpoint written straight to its final name (also behind training)."""
 
 from __future__ import annotations
 
@@ -42,15 +42,16 @@ def test_decoding_ends_at_eos_a_batch_whose_rows_all_emit_eos_first_takes_one_fo
         assert len(forwards) == 1, f"{len(forwards)} forwards: decoding went on after every row had emitted EOS"
 
 
-# A process that checkpoints step 1, then is SIGKILLed half-way through writing step 2's checkpoint.
+# A process that checkpoints step 1, then is SIGKILLed half-way through writing step 2's checkpoint (with "behind":
+# in the background thread, while the main thread goes on).
 TORN_WRITER = """
-import io, sys, time
+import contextlib, io, sys, time
 from pathlib import Path
 import torch
-from lima_lightning.checkpointing import AtomicCheckpointIO
+from lima_lightning.checkpointing import AsyncAtomicCheckpointIO, AtomicCheckpointIO
 
-target, marker = Path(sys.argv[1]), Path(sys.argv[2])
-checkpoints = AtomicCheckpointIO()
+target, marker, behind = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "behind"
+checkpoints = AsyncAtomicCheckpointIO() if behind else AtomicCheckpointIO()
 checkpoints.save_checkpoint({"global_step": 1, "w": torch.zeros(50_000)}, target)
 real_save = torch.save
 
@@ -63,17 +64,21 @@ def half_then_hang(obj, f, *args, **kwargs):
     time.sleep(600)  # killed here
 
 torch.save = half_then_hang
-checkpoints.save_checkpoint({"global_step": 2, "w": torch.ones(50_000)}, target)
+with checkpoints.writing_behind() if behind else contextlib.nullcontext():
+    checkpoints.save_checkpoint({"global_step": 2, "w": torch.ones(50_000)}, target)
+time.sleep(600)  # training goes on
 """
 
 
 @pytest.mark.slow
-def test_sigkill_half_way_through_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):
+@pytest.mark.parametrize("how", ["synchronous", "behind"])
+def test_sigkill_half_way_through_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, how):
     """Fails for a checkpoint written straight to its final name: the kill leaves half of it there."""
     from lima_lightning.checkpointing import AtomicCheckpointIO
 
     target, marker = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "marker"
-    process = subprocess.Popen([sys.executable, "-c", TORN_WRITER, str(target), str(marker)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", TORN_WRITER, str(target), str(marker), how]
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     try:
         while not marker.exists():
