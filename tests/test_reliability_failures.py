@@ -88,7 +88,9 @@ def test_hub_out_of_reach_is_one_line_within_seconds(tmp_path, tiny_dir, fresh_h
         assert len(err.splitlines()) == 1 and err.startswith(f"lima-lightning: error: {says}"), (name, err)
         assert f"HF cache ({tmp_path / 'hf-home' / 'hub'})" in err and "HF_HUB_OFFLINE" in err and "local" in err, (name, err)
         after_imports = float(out.strip().splitlines()[-1].split()[-2])
-        assert after_imports < 12, (name, out)  # the probe waits at most 3 s; the rest is the CLI's own start
+        # The probe waits at most 3 s; the rest is the CLI's own start, which reached 12 s on a 2-core CI machine
+        # running other tests beside it. Without the probe the hub client retries for ~53 s, well past this bound.
+        assert after_imports < 30, (name, out)
 
 
 @pytest.mark.parametrize(
