@@ -27,6 +27,18 @@ from lima_lightning.decode_graphs import graphed_decoding
 # and the dtype's minimum elsewhere, added to the scores). Others (flex, flash) decode through `generate`.
 MASK_VALUES = {"sdpa": (True, False), "eager": (0.0, None)}
 STOP_CHECK_EVERY = 8  # steps between host reads of the finished rows: at most 7 steps of padding run past the end
+# Cache lengths are rounded up to a multiple of this. cuDNN's attention builds (and compiles, ~1 s each) a kernel for
+# every alignment of the key length it meets: predict's chunks at 24 GiB had 3 alignments among 10 lengths and paid
+# ~4 s of compiles in two chunks (benchmarks/RESULTS.md). 16 slots cover the widest alignment, 16 bytes of the
+# mask's row; the extra slots are never attended.
+CACHE_SLOT_MULTIPLE = 16
+
+
+def cache_slots(prompt_width: int, max_new_tokens: int) -> int:
+    """Length of the static cache for a chunk of prompts `prompt_width` wide: every position fed to the model (the
+    last new token is never fed back), rounded up to CACHE_SLOT_MULTIPLE."""
+    needed = prompt_width + max_new_tokens - 1
+    return -(-needed // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
 
 
 def decodes_in_own_loop(model) -> bool:
@@ -59,7 +71,7 @@ def decode(model, input_ids, attention_mask, settings, eos_token_id, pad_token_i
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     rows, width = input_ids.shape
     steps = settings.max_new_tokens
-    cache_length = width + steps - 1  # the last token is never fed back
+    cache_length = cache_slots(width, steps)
     forward_parameters = inspect.signature(target.forward).parameters
     extra = {"cache" if "cache" in forward_parameters else "past_key_values": StaticCache(config=target.config, max_cache_len=cache_length)}
     if "logits_to_keep" in forward_parameters:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lima_lightning.decoding import decode, decodes_in_own_loop
+from lima_lightning.decoding import cache_slots, decode, decodes_in_own_loop
 from lima_lightning.memory import budget_bytes
 
 GENERATION_MEMORY_FRACTION = 0.9  # of the memory budget; the rest is the allocator's and the CUDA context's slack
@@ -96,8 +96,9 @@ def kv_cache_bytes_per_token(config, dtype_bytes: int) -> int:
 
 
 def generation_bytes_per_row(config, prompt_len: int, max_new_tokens: int, dtype_bytes: int) -> int:
-    """Upper bound of one row's memory: its KV cache at full length, its prefill activations, its logits."""
-    cache = kv_cache_bytes_per_token(config, dtype_bytes) * (prompt_len + max_new_tokens)
+    """Upper bound of one row's memory: its KV cache at full length (our loop's rounded length, or generate's prompt +
+    max_new_tokens), its prefill activations, its logits."""
+    cache = kv_cache_bytes_per_token(config, dtype_bytes) * max(prompt_len + max_new_tokens, cache_slots(prompt_len, max_new_tokens))
     intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
     prefill = prompt_len * dtype_bytes * (4 * config.hidden_size + 3 * intermediate)
     logits = 4 * 4 * config.vocab_size  # fp32 logits and the sampler's sorted copies, one position per row

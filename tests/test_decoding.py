@@ -114,3 +114,26 @@ def test_attention_it_does_not_mask_goes_through_generate(models):
     config = copy.copy(model.config)
     config._attn_implementation = "flex_attention"
     assert not decoding.decodes_in_own_loop(type("Model", (), {"config": config})())
+
+
+def test_every_cache_length_is_rounded_to_one_alignment_and_the_tokens_stay_those_of_generate(models, tiny_tokenizer):
+    """cuDNN compiles a kernel per alignment of the key length: each chunk's cache is a multiple of 16 slots,
+    the fewest that hold its prompt and new tokens, and the slots past those are never attended."""
+    assert [decoding.cache_slots(width, 500) for width in (16, 17, 20, 29, 33, 216)] == [528, 528, 528, 528, 544, 720]
+    for width in range(1, 40):
+        slots = decoding.cache_slots(width, 12)
+        assert slots % decoding.CACHE_SLOT_MULTIPLE == 0 and width + 11 <= slots < width + 11 + decoding.CACHE_SLOT_MULTIPLE
+    model = models["running"]
+    input_ids, attention_mask = left_padded_prompts(tiny_tokenizer)
+    lengths = []
+    hook = model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs.get("cache", kwargs.get("past_key_values")).layers[0].max_cache_len),
+        with_kwargs=True,
+    )
+    settings = GenerationSettings(12, do_sample=False)
+    try:
+        ours = decode(model, input_ids, attention_mask, settings, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    finally:
+        hook.remove()
+    assert set(lengths) == {decoding.cache_slots(input_ids.shape[1], 12)} and lengths[0] > input_ids.shape[1] + 11
+    assert torch.equal(ours, generate_new_tokens(model, tiny_tokenizer, input_ids, attention_mask, settings))

@@ -167,6 +167,7 @@ def test_static_and_dynamic_cache_give_the_same_greedy_answers(greedy_model, tin
 @pytest.mark.parametrize("cache", ["static", "dynamic"])  # our decoding loop, transformers' generate
 def test_a_batch_larger_than_memory_is_generated_in_chunks_with_the_same_answers(greedy_model, tiny_tokenizer, monkeypatch, cache):
     import lima_lightning.generation as generation
+    from lima_lightning import decoding
 
     input_ids, attention_mask = left_padded_prompts(tiny_tokenizer)
     settings = GenerationSettings(12, do_sample=False, cache=cache)
@@ -183,6 +184,7 @@ def test_a_batch_larger_than_memory_is_generated_in_chunks_with_the_same_answers
     # 6, 4 and 2 tokens) trimmed to 6 columns, where three rows' caches fit.
     per_row = generation.generation_bytes_per_row(greedy_model.config, 9, 12, dtype_bytes=4)
     monkeypatch.setattr(generation, "generation_memory_budget", lambda device: 2 * per_row + per_row // 2)
+    monkeypatch.setattr(decoding, "CACHE_SLOT_MULTIPLE", 1)  # unrounded, so that the two caches' lengths differ
     hook = greedy_model.get_base_model().register_forward_pre_hook(record_prefill, with_kwargs=True)
     try:
         chunked = generate(greedy_model, tiny_tokenizer, input_ids, attention_mask, settings)
@@ -254,8 +256,9 @@ def test_rows_per_chunk_for_llama2_7b_by_hand():
                                 intermediate_size=11008, vocab_size=32000)  # fmt: skip
     # keys + values, 32 layers, 32 heads of 128, bf16: 512 KiB per token.
     assert kv_cache_bytes_per_token(llama2_7b, 2) == 2 * 32 * 32 * 128 * 2 == 512 * 1024
-    # A 216-token prompt + 500 new tokens: 716 x 512 KiB = 358 MiB of cache, plus prefill activations and logits.
-    per_row = 716 * 512 * 1024 + 216 * 2 * (4 * 4096 + 3 * 11008) + 16 * 32000
+    # A 216-token prompt + 500 new tokens: 715 positions fed to the model, rounded up to 720 cache slots (a multiple of
+    # 16): 720 x 512 KiB = 360 MiB of cache, plus prefill activations and logits.
+    per_row = 720 * 512 * 1024 + 216 * 2 * (4 * 4096 + 3 * 11008) + 16 * 32000
     assert rows_per_chunk(llama2_7b, 300, 216, 500, 2, budget_bytes=100 * per_row + 1) == 100
     assert rows_per_chunk(llama2_7b, 300, 216, 500, 2, budget_bytes=None) == 300  # CPU: not planned
     assert rows_per_chunk(llama2_7b, 30, 216, 500, 2, budget_bytes=100 * per_row) == 30
@@ -270,13 +273,14 @@ def test_chunks_of_short_prompts_hold_more_rows_for_llama2_7b_by_hand():
 
     llama2_7b = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=32,
                                 intermediate_size=11008, vocab_size=32000)  # fmt: skip
-    per_row_216 = 716 * 512 * 1024 + 216 * 2 * (4 * 4096 + 3 * 11008) + 16 * 32000  # 358.0 MiB + 21.3 MB + 0.5 MB
-    per_row_50 = 550 * 512 * 1024 + 50 * 2 * (4 * 4096 + 3 * 11008) + 16 * 32000  # 275.0 MiB + 4.9 MB + 0.5 MB
+    # Cache slots: 215 + 500 rounded up to 720, 50 + 499 rounded up to 560 (multiples of 16).
+    per_row_216 = 720 * 512 * 1024 + 216 * 2 * (4 * 4096 + 3 * 11008) + 16 * 32000  # 360.0 MiB + 21.3 MB + 0.5 MB
+    per_row_50 = 560 * 512 * 1024 + 50 * 2 * (4 * 4096 + 3 * 11008) + 16 * 32000  # 280.0 MiB + 4.9 MB + 0.5 MB
     budget = 100 * per_row_216
-    assert budget // per_row_50 == 135
-    # 10 long prompts and 200 short ones, longest first: 100 rows padded to 216 tokens, then up to 135 rows of 50 tokens.
+    assert budget // per_row_50 == 133
+    # 10 long prompts and 200 short ones, longest first: 100 rows padded to 216 tokens, then up to 133 rows of 50 tokens.
     assert plan_chunks(llama2_7b, [216] * 10 + [50] * 200, 500, 2, budget) == [range(0, 100), range(100, 210)]
-    assert plan_chunks(llama2_7b, [216] * 10 + [50] * 300, 500, 2, budget) == [range(0, 100), range(100, 235), range(235, 310)]
+    assert plan_chunks(llama2_7b, [216] * 10 + [50] * 300, 500, 2, budget) == [range(0, 100), range(100, 233), range(233, 310)]
     assert plan_chunks(llama2_7b, [216] * 10, 500, 2, None) == [range(0, 10)]  # CPU: not planned
     assert plan_chunks(llama2_7b, [], 500, 2, budget) == []
     with pytest.raises(torch.cuda.OutOfMemoryError, match="model.generation.max_new_tokens"):
