@@ -20,13 +20,9 @@ import json
 import time
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
-from benchmarks.make_random_llama import LLAMA2_7B
-from benchmarks.profile_decoding import left_padded
-from lima_lightning.data.conversations import read_conversations
-from lima_lightning.data.tokenization import encode_prompt, set_chat_template
+from benchmarks.profile_decoding import left_padded, random_model_and_prompts
 from lima_lightning.decoding import decode
 from lima_lightning.generation import GENERATION_MEMORY_FRACTION, GenerationSettings, describe_completion, plan_chunks
 
@@ -109,21 +105,9 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = GenerationSettings(max_new_tokens=500)  # predict's sampling: temperature 0.8, top-k 50, top-p 0.9
-    config, tokenizer = LlamaConfig(**LLAMA2_7B), None
     if args.smoke:
-        config = LlamaConfig(**{**LLAMA2_7B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4})
         settings = GenerationSettings(max_new_tokens=40)
-        prompts = [list(range(3, 3 + n)) for n in (40, 30, 20, 10)]
-        pad, eos = 0, 2
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        set_chat_template(tokenizer, "llama2-chat")
-        prompts = sorted((encode_prompt(c, tokenizer) for c in read_conversations(args.prompts)), key=len, reverse=True)
-        pad, eos = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, tokenizer.eos_token_id
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model, config, prompts, pad, eos, tokenizer = random_model_and_prompts(args, device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     graphs = device.type == "cuda"
     results = {"device": torch.cuda.get_device_name() if graphs else "cpu", "torch": torch.__version__, "runs": []}
@@ -135,7 +119,8 @@ def main() -> None:
     for budget_gib in [float(b) for b in args.budgets.split(",")]:
         left = int(budget_gib * 2**30 * GENERATION_MEMORY_FRACTION) - weights  # what generation_memory_budget gives
         chunks = plan_chunks(config, [len(p) for p in prompts], settings.max_new_tokens, 2, None if args.smoke else left)
-        print(f"budget {budget_gib:g} GiB: {len(chunks)} chunks (rows, width): {[(len(c), max(len(prompts[i]) for i in c)) for c in chunks]}", flush=True)
+        plan = [(len(c), max(len(prompts[i]) for i in c)) for c in chunks]
+        print(f"budget {budget_gib:g} GiB: {len(chunks)} chunks (rows, width): {plan}", flush=True)
         greedy = GenerationSettings(max_new_tokens=args.agreement_steps, do_sample=False)
         first_ids, first_mask = left_padded([prompts[i] for i in chunks[0]], pad, device)
         reference = None
@@ -160,10 +145,16 @@ def main() -> None:
             if reference is None:
                 reference = greedy_ids
             same = (greedy_ids == reference).all(1).float().mean().item()
-            run = {"budget_gib": budget_gib, "variant": variant, "generating_s": generating, "rows_with_same_greedy_tokens": same,
-                   "sum_steady_s": sum(r.get("steady_ms_per_step", 0) * max(0, r["steps"] - 8) / 1e3 for r in rows),
-                   "sum_prefill_and_ramp_s": sum(r["prefill_and_first_token_s"] + r.get("ramp_steps_1_7_s", 0) for r in rows),
-                   "sum_detokenize_s": sum(r.get("detokenize_s", 0) for r in rows), "chunks": rows}
+            run = {
+                "budget_gib": budget_gib,
+                "variant": variant,
+                "generating_s": generating,
+                "rows_with_same_greedy_tokens": same,
+                "sum_steady_s": sum(r.get("steady_ms_per_step", 0) * max(0, r["steps"] - 8) / 1e3 for r in rows),
+                "sum_prefill_and_ramp_s": sum(r["prefill_and_first_token_s"] + r.get("ramp_steps_1_7_s", 0) for r in rows),
+                "sum_detokenize_s": sum(r.get("detokenize_s", 0) for r in rows),
+                "chunks": rows,
+            }
             results["runs"].append(run)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in run.items() if k != "chunks"}), flush=True)
             for r in rows:

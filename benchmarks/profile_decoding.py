@@ -23,8 +23,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from benchmarks.make_random_llama import LLAMA2_7B
 from lima_lightning.data.conversations import read_conversations
 from lima_lightning.data.tokenization import encode_prompt, set_chat_template
-from lima_lightning.decoding import decode, token_chooser
-from lima_lightning.generation import GENERATION_MEMORY_FRACTION, GenerationSettings, plan_chunks
+from lima_lightning.decoding import cache_slots, decode, token_chooser
+from lima_lightning.generation import GENERATION_MEMORY_FRACTION, GenerationSettings, kv_cache_bytes_per_token, plan_chunks
 
 
 def timed(fn, device) -> float:
@@ -91,6 +91,30 @@ def run_steps(model, ids, mask, settings, pad, graphs, clock) -> None:
         pass
 
 
+SMOKE_LLAMA = {**LLAMA2_7B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 4}  # fmt: skip
+
+
+def random_model_and_prompts(args, device) -> tuple:
+    """A seeded random Llama-2-7B in bf16 (a tiny one with --smoke) and LIMA's test prompts tokenized as predict does,
+    longest first: (model, config, prompts, pad id, eos id, tokenizer or None)."""
+    config, tokenizer = LlamaConfig(**LLAMA2_7B), None
+    if args.smoke:
+        config = LlamaConfig(**SMOKE_LLAMA)
+        prompts = [list(range(3, 3 + n)) for n in (40, 30, 20, 10)]
+        pad, eos = 0, 2
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        set_chat_template(tokenizer, "llama2-chat")
+        prompts = sorted((encode_prompt(c, tokenizer) for c in read_conversations(args.prompts)), key=len, reverse=True)
+        pad, eos = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, tokenizer.eos_token_id
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    return model, config, prompts, pad, eos, tokenizer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer")
@@ -102,21 +126,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = GenerationSettings(max_new_tokens=500)  # predict's sampling: temperature 0.8, top-k 50, top-p 0.9
-    config = LlamaConfig(**LLAMA2_7B)
-    if args.smoke:
-        config = LlamaConfig(**{**LLAMA2_7B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4})
-        prompts = [list(range(3, 3 + n)) for n in (40, 30, 20, 10)]
-        pad, eos = 0, 2
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        set_chat_template(tokenizer, "llama2-chat")
-        prompts = sorted((encode_prompt(c, tokenizer) for c in read_conversations(args.prompts)), key=len, reverse=True)
-        pad, eos = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, tokenizer.eos_token_id
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
     started = time.perf_counter()
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model, config, prompts, pad, _, _ = random_model_and_prompts(args, device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"model: {weights / 2**30:.1f} GiB of bf16 weights on {device} in {time.perf_counter() - started:.0f} s", flush=True)
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "chunks": []}
@@ -131,17 +142,18 @@ def main() -> None:
             rows = [prompts[i] for i in chunks[index]]
             width = max(map(len, rows))
             ids, mask = left_padded(rows, pad, device)
+            slots = cache_slots(width, settings.max_new_tokens)
+            cache_gib = len(rows) * slots * kv_cache_bytes_per_token(config, 2) / 2**30
             row = {"budget_gib": budget_gib, "chunk": index, "of": len(chunks), "rows": len(rows), "width": width,
-                   "cache_slots": width + settings.max_new_tokens - 1,
-                   "cache_gib": len(rows) * (width + settings.max_new_tokens - 1) * 2 * config.num_hidden_layers * config.hidden_size * 2 / 2**30}
-            for graphs in ([True, False] if device.type == "cuda" else [False]):
+                   "cache_slots": slots, "cache_gib": cache_gib}  # fmt: skip
+            for graphs in [True, False] if device.type == "cuda" else [False]:
                 clock = StepClock(args.steps)
                 run_steps(model, ids, mask, settings, pad, graphs, clock)
                 row[f"ms_per_step_{'graphs' if graphs else 'eager'}"] = clock.ms_per_step()
             logits = torch.randn(len(rows), config.vocab_size, device=device)
             choose = token_chooser(settings)
             choose(logits)
-            row["ms_sampler_alone"] = 1e3 * timed(lambda: [choose(logits) for _ in range(20)], device) / 20
+            row["ms_sampler_alone"] = 1e3 * timed(lambda choose=choose, logits=logits: [choose(logits) for _ in range(20)], device) / 20
             if device.type == "cuda":
                 # Eager steps 8-23 only (the prefill and the first steps are left out by the schedule): the GPU's
                 # own time per step, by kernel.
