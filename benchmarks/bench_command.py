@@ -116,9 +116,11 @@ def summarize(run: str, budget: float, run_dir: Path | None, output: str, wall: 
     if run_dir is None:
         return row
     phases = run_dir / "phases.json"
-    if phases.is_file():
-        row["phases_s"] = json.loads(phases.read_text())["seconds"]
+    report = json.loads(phases.read_text()) if phases.is_file() else {}
+    if report:
+        row["phases_s"] = report["seconds"]
     if run.startswith("predict-"):
+        row["peak_gib"] = report.get("peak_gpu_memory_gib")  # the whole command's: loading, merging, every chunk
         predictions = run_dir / "predictions.jsonl"
         if predictions.is_file():
             rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").split("\n") if line.strip()]

@@ -4,7 +4,8 @@ What users feel is the time from pressing enter to holding an adapter (or predic
 tokens/s: startup (Python and imports), reading and tokenizing data, loading (and quantizing) the model,
 the memory probe, compiling, training, validation with samples, checkpoints (the copy a save takes; the file
 is written behind training, and a wait for it is `checkpoint wait`), saving adapters, generating. Code that does
-one of these wraps it in `PHASES.timed(name)`; `PhaseReport` prints and saves the split when the command ends.
+one of these wraps it in `PHASES.timed(name)`; `PhaseReport` prints and saves the split when the command ends,
+with the process's peak GPU memory (what a smaller card must hold).
 Compile time is torch's own count of it (dynamo and backward compiles), taken out of the steps it happened in.
 """
 
@@ -87,9 +88,20 @@ class PhaseClock:
 PHASES = PhaseClock()
 
 
-def describe(split: dict[str, float], what: str) -> str:
+def peak_gpu_memory_gib() -> float | None:
+    """The most GPU memory this process's tensors held at once (the allocator's count, as `train/peak_memory_gib`),
+    or None where no GPU was used."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def describe(split: dict[str, float], what: str, peak_gib: float | None = None) -> str:
     parts = [f"{name} {seconds:.0f} s" if seconds >= 1 else f"{name} {seconds:.1f} s" for name, seconds in split.items()]
-    return f"{what} took {split['total']:.0f} s from the command: {', '.join(parts[1:])}"
+    peak = "" if peak_gib is None else f"; peak GPU memory {peak_gib:.1f} GiB"
+    return f"{what} took {split['total']:.0f} s from the command: {', '.join(parts[1:])}{peak}"
 
 
 class PhaseReport(Callback):
@@ -128,12 +140,13 @@ class PhaseReport(Callback):
         from lima_lightning import runs
 
         self._leave()
-        split = PHASES.split()
-        rank_zero_info(describe(split, what))
+        split, peak_gib = PHASES.split(), peak_gpu_memory_gib()
+        rank_zero_info(describe(split, what, peak_gib))
         if trainer.loggers:
             run = runs.run_dir(trainer)
             run.mkdir(parents=True, exist_ok=True)
-            (run / PHASES_FILE).write_text(json.dumps({"command": what, "seconds": split}, indent=1) + "\n")
+            report = {"command": what, "seconds": split, "peak_gpu_memory_gib": peak_gib}
+            (run / PHASES_FILE).write_text(json.dumps(report, indent=1) + "\n")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._report(trainer, "fit")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lima_lightning import phases
-from lima_lightning.phases import PhaseClock
+from lima_lightning.phases import PhaseClock, describe
 from tests.conftest import demo_args, run_cli
 
 
@@ -34,12 +34,24 @@ def test_nested_phases_and_compiles_are_counted_once(monkeypatch):
     assert sum(clock.seconds.values()) == pytest.approx(9.0)  # every second counted once
 
 
+def test_the_end_line_shows_the_peak_gpu_memory_where_a_gpu_was_used(monkeypatch):
+    split = {"total": 80.2, "startup": 12.8, "generate": 60.3}
+    assert phases.peak_gpu_memory_gib() is None or torch.cuda.is_available()  # this CPU machine: no GPU, no peak
+    assert describe(split, "predict", None) == "predict took 80 s from the command: startup 13 s, generate 60 s"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: int(21.37 * 2**30))
+    peak = phases.peak_gpu_memory_gib()
+    assert peak == 21.37
+    assert describe(split, "predict", peak).endswith("generate 60 s; peak GPU memory 21.4 GiB")
+
+
 @pytest.mark.slow
 def test_fit_and_predict_end_with_their_time_split(tmp_path, caplog, monkeypatch):
     fit = run_cli("fit", *demo_args(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4"))  # then validation
     run_dir = Path(fit.trainer.log_dir)
     split = json.loads((run_dir / "phases.json").read_text())
-    assert split["command"] == "fit"
+    assert split["command"] == "fit" and split["peak_gpu_memory_gib"] is None  # CPU: no GPU peak to report
     seconds = split["seconds"]
     assert {"startup", "data", "load", "train", "validation", "samples", "final save"} <= seconds.keys()
     assert seconds["total"] == pytest.approx(sum(v for k, v in seconds.items() if k != "total"), abs=0.05)
