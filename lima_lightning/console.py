@@ -36,6 +36,8 @@ IGNORED_WARNINGS = (
 IGNORED_LOGS = {
     # bitsandbytes looks for an optional hub kernel at import, even with no NF4 in use; its own CPU kernel is used.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # ...and offline, `kernels` (0.19+) says first that it cannot check that kernel's publisher (then finds no copy).
+    "kernels._internals.hf_hub": ("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",),
     # Lightning: an advertisement, a device type this project never uses, and an internal step.
     "lightning.pytorch.utilities.rank_zero": (
         "💡 Tip: For seamless cloud logging",

@@ -125,14 +125,21 @@ def test_warning_filters_match_by_message_only():
 def test_log_filters_drop_only_the_known_lines(caplog):
     console.setup()
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    kernels_hub = logging.getLogger("kernels._internals.hf_hub")
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     with caplog.at_level(logging.INFO):
         bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module named 'kernels'")
         bnb.warning("a real bitsandbytes problem")
+        kernels_hub.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because ...")
+        kernels_hub.warning("Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in offline mode.")
         rank_zero.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing litlogger")
         rank_zero.info("TPU available: False, using: 0 TPU cores")
         rank_zero.info("GPU available: False, used: False")
-    assert [r.getMessage() for r in caplog.records] == ["a real bitsandbytes problem", "GPU available: False, used: False"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "a real bitsandbytes problem",
+        "Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in offline mode.",
+        "GPU available: False, used: False",
+    ]
 
 
 def test_float32_matmul_precision_is_high_on_a_gpu_only(monkeypatch):
