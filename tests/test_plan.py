@@ -19,6 +19,11 @@ MEASURED_PEAKS_GIB = [
     ("llama2-7b-qlora-lowmem.yaml", [], 5.61),
     ("llama2-7b-qlora-lowmem.yaml", ["--model.compile", "false"], 5.46),
     ("llama2-7b-qlora.yaml", ["--gpu_memory_gib", "24"], 19.95),  # the shipped config, 3 epochs, 27 layers (S6-2)
+    # The shipped configs through the CLI under a budget, 12 optimizer steps each (S11-2; RESULTS.md, "Memory model")
+    ("llama2-7b-qlora.yaml", ["--gpu_memory_gib", "40"], 34.13),  # 19 of 32 layers checkpointed
+    ("llama2-7b-qlora.yaml", ["--gpu_memory_gib", "80"], 67.88),  # none
+    ("llama2-7b-lora.yaml", ["--gpu_memory_gib", "24"], 20.03),  # compiled, all 32
+    ("llama2-7b-lora.yaml", ["--gpu_memory_gib", "80"], 59.99),  # compiled, 5 of 32
 ]
 
 
