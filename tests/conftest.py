@@ -102,3 +102,12 @@ def padded_batch(examples: list[dict], pad_id: int) -> dict:
     lengths = [len(e["input_ids"]) for e in examples]
     batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1]) < torch.tensor(lengths)[:, None]).long()
     return batch
+
+
+def randomize_lora_b(model: torch.nn.Module, std: float) -> None:
+    """PEFT starts every lora_B at zero, which makes a fresh adapter a no-op: draw it from N(0, std) instead, so
+    that the adapter changes the logits and its A matrices get gradients too."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, std)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lima_lightning.data.collate import collate_rows
 from lima_lightning.data.sampling import MicroBatchSampler, length_grouped_batches, pack_rows
 from lima_lightning.data.tokenization import IGNORE_INDEX
-from tests.conftest import LIMA_TRAIN, needs_lima, padded_batch
+from tests.conftest import LIMA_TRAIN, needs_lima, padded_batch, randomize_lora_b
 
 MODES = ["padded", "length_grouped", "packed"]
 
@@ -200,10 +200,7 @@ def make_module(quantization: str = "none", **overrides):
     module = LIMALoRAModule(base_model="tiny", quantization=quantization, **settings)
     module.configure_model()
     torch.manual_seed(0)
-    with torch.no_grad():  # non-zero B: every adapter weight then gets a gradient
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    randomize_lora_b(module, std=0.05)  # non-zero B: every adapter weight then gets a gradient
     return module
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from lima_lightning.data.conversations import Conversation
 from lima_lightning.data.tokenization import IGNORE_INDEX, encode_conversation
 from lima_lightning.module import LIMALoRAModule
-from tests.conftest import padded_batch, quiet_cpu_trainer
+from tests.conftest import padded_batch, quiet_cpu_trainer, randomize_lora_b
 
 CONVERSATIONS = [
     Conversation(("Tell me a story about a tiger.", "Once upon a time a tiger lived by a river and ate bread with a horse. " * 2)),
@@ -42,10 +42,7 @@ def make_module(cls=LIMALoRAModule) -> LIMALoRAModule:
     )
     torch.manual_seed(0)
     module.configure_model()
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    randomize_lora_b(module, std=0.05)
     return module
 
 

@@ -16,6 +16,7 @@ from transformers import StaticCache
 
 from lima_lightning.decode_graphs import GraphedForward, call_signature, graphed_decoding, is_decoding_step
 from lima_lightning.models.loading import add_lora, load_base_model
+from tests.conftest import randomize_lora_b
 
 
 def static_cache_tensors() -> list[torch.Tensor]:
@@ -47,9 +48,7 @@ def lora_model(tiny_dir):
     base = load_base_model(str(tiny_dir), "none", torch.device("cpu"))
     torch.manual_seed(0)
     model = add_lora(base, 8, 16, 0.0, ["q_proj", "v_proj", "down_proj"]).eval()
-    for name, param in model.named_parameters():  # LoRA B starts at zero: make the adapter change the tokens
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
+    randomize_lora_b(model, std=0.5)  # LoRA B starts at zero: make the adapter change the tokens
     return model
 
 

@@ -12,6 +12,7 @@ from lima_lightning.decoding import decode
 from lima_lightning.generation import GenerationSettings
 from lima_lightning.models.loading import add_lora, load_base_model
 from lima_lightning.models.speed import set_attention
+from tests.conftest import randomize_lora_b
 from tests.test_generation import left_padded_prompts
 
 
@@ -33,10 +34,7 @@ def models(tiny_dir, tiny_tokenizer):
     """A random adapter on the tiny base (rows run to the limit), and a copy whose rows all stop at EOS early."""
     torch.manual_seed(0)
     model = add_lora(load_base_model(str(tiny_dir), "none", torch.device("cpu")), 8, 16, 0.0, ["q_proj", "v_proj"]).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.05)
+    randomize_lora_b(model, std=0.05)
     stopping = copy.deepcopy(model)
     stop_every_row_early(stopping, tiny_tokenizer, *left_padded_prompts(tiny_tokenizer))
     return {"running": model, "stopping": stopping}

@@ -34,7 +34,7 @@ from lima_lightning.distributed import (
     lora_fsdp_wrap_policy,
     prepare_fsdp,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, randomize_lora_b
 
 # 41 synthetic conversations: 2 held out, 39 trained: 10 batches of 2 (the last holding one), so the 2-process
 # run's last step holds one conversation on rank 0 and a Masked copy of a batch on rank 1.
@@ -176,9 +176,7 @@ def test_token_weighting_differs_from_a_mean_of_per_rank_means(tiny_dir, tiny_to
 
     torch.manual_seed(0)
     model = add_lora(load_base_model(str(tiny_dir), "none", torch.device("cpu")), 4, 8, 0.0, LLAMA_PROJECTIONS)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)  # as after a few steps: gradients reach A too
+    randomize_lora_b(model, std=0.02)  # as after a few steps: gradients reach A too
     examples, _ = tokenize_for_training(synthetic_conversations("train", 8), tiny_tokenizer, "llama2-chat", 256)
     shards = [examples[0:2], examples[2:4]]  # ranks 0 and 1 of one step, as MicroBatchSampler hands them out
 
@@ -449,9 +447,7 @@ def test_adapter_saved_from_gathered_weights_equals_the_direct_save(tiny_dir, tm
     module = LIMALoRAModule(base_model=str(tiny_dir), quantization="none", lora_r=4)
     module.configure_model()
     torch.manual_seed(0)
-    for name, p in module.model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
+    randomize_lora_b(module.model, std=0.1)
     names = module.trainable_parameter_names()
     assert names and all(n.startswith("model.") and "lora_" in n for n in names)
     direct_dir = save_adapter(module, tmp_path / "direct")

@@ -11,6 +11,7 @@ import yaml
 
 from lima_lightning.errors import UserError
 from lima_lightning.models.loading import LLAMA_PROJECTIONS, add_lora, load_adapter, load_base_model, load_tokenizer
+from tests.conftest import randomize_lora_b
 
 INPUT_IDS = torch.randint(3, 300, (2, 17), generator=torch.Generator().manual_seed(0))
 
@@ -23,9 +24,7 @@ def make_run(root: Path, tiny_dir: Path, quantization: str | None) -> Path:
     model = add_lora(load_base_model(str(tiny_dir), "none", torch.device("cpu")), 8, 16, 0.0, LLAMA_PROJECTIONS)
     with torch.random.fork_rng():
         torch.manual_seed(1)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05)
+        randomize_lora_b(model, std=0.05)
     adapter = root / "adapters" / "final"
     model.save_pretrained(adapter)
     load_tokenizer(str(tiny_dir)).save_pretrained(adapter)
@@ -179,9 +178,7 @@ def test_gguf_export_round_trips_within_its_bound(tmp_path, llama2_tokenizer, ca
     model.save_pretrained(base_dir)
     llama2_tokenizer.save_pretrained(base_dir)
     lora = add_lora(load_base_model(str(base_dir), "none", torch.device("cpu")), 8, 16, 0.0, LLAMA_PROJECTIONS)
-    for name, p in lora.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    randomize_lora_b(lora, std=0.05)
     adapter = tmp_path / "run" / "adapters" / "final"
     lora.save_pretrained(adapter)
     llama2_tokenizer.save_pretrained(adapter)

@@ -10,7 +10,7 @@ import torch
 
 from lima_lightning.generation import GenerationSettings, describe_completion, generate
 from lima_lightning.models.loading import add_lora, load_adapter, load_base_model
-from tests.conftest import demo_args, run_cli
+from tests.conftest import demo_args, randomize_lora_b, run_cli
 
 
 def test_describe_completion_by_hand(tiny_tokenizer):
@@ -147,10 +147,7 @@ def greedy_model(tiny_dir):
     # A random adapter (B not zero) on the tiny base, so the adapter takes part in every step.
     torch.manual_seed(0)
     model = add_lora(load_base_model(str(tiny_dir), "none", torch.device("cpu")), 8, 16, 0.0, ["q_proj", "v_proj"]).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.05)
+    randomize_lora_b(model, std=0.05)
     return model
 
 

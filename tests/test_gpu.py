@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, randomize_lora_b
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -83,9 +83,7 @@ def test_cuda_graph_decoding_gives_the_tokens_of_eager_decoding(tiny_dir, tiny_t
     base = load_base_model(str(tiny_dir), quantization, torch.device("cuda"))
     torch.manual_seed(0)
     model = add_lora(base, 8, 16, 0.0, ["q_proj", "v_proj", "down_proj"]).eval()
-    for name, param in model.named_parameters():  # LoRA B starts at zero: make the adapter change the tokens
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
+    randomize_lora_b(model, std=0.5)  # LoRA B starts at zero: make the adapter change the tokens
     rows = [[1, 40, 41, 42, 43, 44], [1, 45, 46], [1, 47, 48, 49]]
     ids = torch.tensor([[0] * (6 - len(r)) + r for r in rows], device="cuda")
     mask = (ids != 0).long()
@@ -126,9 +124,7 @@ def test_our_decoding_loop_gives_the_tokens_of_generate_on_cuda(tiny_dir, tiny_t
     base = load_base_model(str(tiny_dir), quantization, torch.device("cuda"))
     torch.manual_seed(0)
     model = add_lora(base, 8, 16, 0.0, ["q_proj", "v_proj", "down_proj"]).eval()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
+    randomize_lora_b(model, std=0.5)
     rows = [[1, 40, 41, 42, 43, 44], [1, 45, 46], [1, 47, 48, 49], [1, 50]]
     ids = torch.tensor([[0] * (6 - len(r)) + r for r in rows], device="cuda")
     mask = (ids != 0).long()

@@ -10,6 +10,7 @@ import torch
 from lima_lightning.models.loading import LLAMA_PROJECTIONS, add_lora
 from lima_lightning.models.tiny import build_tiny_model, build_tiny_tokenizer
 from lima_lightning.models.verify import as_prompts, max_logit_difference
+from tests.conftest import randomize_lora_b
 
 VOCAB = len(build_tiny_tokenizer())
 PROMPTS = [list(range(3, 40)), [1, 5, 9, 200, 7]]  # two lengths: each prompt runs on its own, unpadded
@@ -20,9 +21,7 @@ def adapter_model(dtype=torch.float32):
     model = add_lora(build_tiny_model(VOCAB).to(dtype), 8, 16, 0.0, LLAMA_PROJECTIONS)
     with torch.random.fork_rng():
         torch.manual_seed(1)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05)
+        randomize_lora_b(model, std=0.05)
     return model.eval()
 
 
