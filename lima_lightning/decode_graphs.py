@@ -2,7 +2,7 @@
 
 Uncompiled decoding of a 7B model issues ~2,000 small kernels per new token (NF4 dequantization, LoRA, norms,
 attention), and the CPU issuing them is the bound at small batches: 70 ms a step for the 4 samples of an NF4 +
-LoRA model, 26 ms for a 24 GiB predict chunk (benchmarks/RESULTS.md), where the GPU's own work is a few ms.
+LoRA model, 24-26 ms for a 24 GiB predict chunk whose GPU work is ~10 ms (benchmarks/RESULTS.md, S8-4).
 A static KV cache makes every decoding step of a call the same shapes at the same addresses, so the
 step can be captured once and replayed: one launch a token, and no compile (torch.compile's CUDA graphs cost
 about a minute for 7B before the first token).

@@ -1,11 +1,11 @@
 """Decoding against a static KV cache in a loop of our own: transformers' tokens without its host work per step.
 
-`generate` spends ~11 ms of host time on every step of a 7B model (preparing inputs, building the 4D mask,
-the sampler, the stop check), and the host is the bound once the step itself is a replayed CUDA graph: a
-24 GiB predict chunk took 11.6 ms a step for ~5.4 ms of GPU work (benchmarks/RESULTS.md). Here a step is the
-model's forward (replayed from `decode_graphs` on CUDA), a few sampling kernels and three in-place updates,
-queued without waiting on the GPU; the host reads "all rows finished?" after the first step and then every
-`STOP_CHECK_EVERY` steps.
+`generate` does its host work on every step of a 7B model (preparing inputs, building the 4D mask, the
+sampler, the stop check) between the GPU's steps. Here a step is the model's forward (replayed from
+`decode_graphs` on CUDA), a few sampling kernels and three in-place updates, queued without waiting on the GPU;
+the host reads "all rows finished?" after the first step and then every `STOP_CHECK_EVERY` steps. Measured on an
+H200 this did not shorten predict's step (the GPU, not the host, was the bound: benchmarks/RESULTS.md, S8); the
+loop stays because it owns the cache (each chunk's length, rounded below) and is no slower.
 
 It computes what `generate` computes: the same positions (a left-padded row counts from its first real token),
 the same mask (each row's real prompt tokens and every token generated so far), logits in float32, the
