@@ -30,6 +30,13 @@ MEASURED_TOKENS_PER_SECOND = {
     "H200": {("nf4", True): (14818, None), ("nf4", False): (10775, 7834), ("none", True): (16350, 8885), ("none", False): (10599, None)},
 }
 LIMA_TOKENS_PER_EPOCH = 701_115  # real tokens of LIMA's training split at max_seq_length 2048 (benchmarks/RESULTS.md)
+# What a fit costs besides its training steps, measured through the CLI on an H200 (benchmarks/RESULTS.md, "Command
+# to result"): once per run, startup (imports), data, loading and quantizing, the memory probe, the final save and
+# the rest: 30.0-35.5 s (S7-4, S8-2, S11-1); at each epoch's end, validation, samples, the adapter and the
+# checkpoint: 6.1-7.1 s (S8-2, S11-1); compiling the decoder layers, once: 50-80 s (S4-1, S6-3, S11-2).
+FIT_FIXED_SECONDS = 32
+FIT_SECONDS_PER_EPOCH_END = 7
+COMPILE_SECONDS = 65
 
 
 def nf4_bytes(numel: int) -> float:
@@ -167,16 +174,24 @@ def largest_fitting_tokens(plan: TrainingPlan, row_tokens: int) -> int | None:
     return rows * row_tokens if rows >= 1 else None
 
 
-def speed_estimates(plan: TrainingPlan) -> list[dict]:
-    """Tokens/s and LIMA epoch time on each GPU measured, interpolated in time per token between 0 and all layers."""
+def fit_seconds(epoch_s: float, epochs: int, compiled: bool) -> int:
+    """Seconds from the command to `adapters/final` for `epochs` epochs of `epoch_s` each, with the measured fixed costs."""
+    return round(FIT_FIXED_SECONDS + (COMPILE_SECONDS if compiled else 0) + epochs * (epoch_s + FIT_SECONDS_PER_EPOCH_END))
+
+
+def speed_estimates(plan: TrainingPlan, epochs: int | None = None) -> list[dict]:
+    """Tokens/s and LIMA epoch time on each GPU measured, interpolated in time per token between 0 and all layers;
+    with `epochs`, also the whole fit's time from the command (`fit_s`)."""
     e, rows = plan.estimate, []
     key = (plan.settings["quantization"], plan.settings["compile"])
     for gpu, table in MEASURED_TOKENS_PER_SECOND.items():
         none, every = table.get(key, (None, None))
         k = e.checkpointed_layers
         if none is None or (k and every is None):
-            rows.append({"gpu": gpu, "tokens_per_s": None, "epoch_s": None})
+            rows.append({"gpu": gpu, "tokens_per_s": None, "epoch_s": None, "fit_s": None})
             continue
         seconds_per_token = 1 / none if not k else 1 / none + (k / e.num_layers) * (1 / every - 1 / none)
-        rows.append({"gpu": gpu, "tokens_per_s": round(1 / seconds_per_token), "epoch_s": round(LIMA_TOKENS_PER_EPOCH * seconds_per_token)})
+        epoch_s = LIMA_TOKENS_PER_EPOCH * seconds_per_token
+        fit_s = fit_seconds(epoch_s, epochs, plan.settings["compile"]) if epochs else None
+        rows.append({"gpu": gpu, "tokens_per_s": round(1 / seconds_per_token), "epoch_s": round(epoch_s), "fit_s": fit_s})
     return rows

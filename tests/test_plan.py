@@ -7,6 +7,7 @@ import json
 import pytest
 
 from lima_lightning.cli import main
+from lima_lightning.planning import FIT_SECONDS_PER_EPOCH_END
 from tests.conftest import REPO
 
 # Peaks measured on an H200 (benchmarks/RESULTS.md, "Memory model"): Llama-2-7B shape, r=64, LIMA.
@@ -58,6 +59,32 @@ def test_predicted_peaks_are_within_10_percent_of_the_measured_ones(capsys, llam
     plan = plan_json(capsys, config, llama2_7b_config, "--gpu_memory_gib", "141", *overrides)
     assert {"peak_gib", "checkpointed_layers", "fits"} <= plan.keys() and plan["fits"]
     assert plan["peak_gib"] == pytest.approx(measured, rel=0.10)
+
+
+# Whole fits through the CLI on an H200, command to adapters/final (benchmarks/RESULTS.md, "Command to result").
+MEASURED_FITS_S = [
+    ("llama2-7b-qlora.yaml", "24", 298.9),  # S11-1 (286.9 in S8-2)
+    ("llama2-7b-qlora.yaml", "141", 239.5),  # S7-4
+    ("llama2-7b-lora.yaml", "141", 265.2),  # S6-3, compiled
+]
+
+
+@pytest.mark.parametrize("config, gib, measured", MEASURED_FITS_S, ids=lambda v: str(v))
+def test_the_whole_fit_from_the_command_is_predicted_within_10_percent(capsys, llama2_7b_config, no_weights, config, gib, measured):
+    plan = plan_json(capsys, config, llama2_7b_config, "--gpu_memory_gib", gib)
+    assert plan["epochs"] == 3 and plan["estimates"][0]["gpu"] == "H200"
+    assert plan["estimates"][0]["fit_s"] == pytest.approx(measured, rel=0.10)
+
+
+def test_the_fit_time_follows_the_epochs_and_is_left_out_for_a_step_count(capsys, llama2_7b_config, no_weights):
+    budget = ["--gpu_memory_gib", "24"]
+    three, one = (plan_json(capsys, "llama2-7b-qlora.yaml", llama2_7b_config, *budget, "--trainer.max_epochs", n) for n in "31")
+    epoch = three["estimates"][0]["epoch_s"]
+    assert three["estimates"][0]["fit_s"] - one["estimates"][0]["fit_s"] == pytest.approx(2 * (epoch + FIT_SECONDS_PER_EPOCH_END), abs=2)
+    steps = plan_json(capsys, "llama2-7b-qlora.yaml", llama2_7b_config, *budget, "--trainer.max_steps", "20")
+    assert steps["epochs"] is None and steps["estimates"][0]["fit_s"] is None and steps["estimates"][0]["tokens_per_s"]
+    main(["plan", "--config", str(REPO / "configs/llama2-7b-qlora.yaml"), "--model.base_model", str(llama2_7b_config), *budget])
+    assert f"3 epochs ~{three['estimates'][0]['fit_s']} s from the command" in capsys.readouterr().out
 
 
 def test_a_smaller_budget_checkpoints_more_layers_until_nothing_fits(capsys, llama2_7b_config, no_weights):

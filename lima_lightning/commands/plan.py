@@ -5,9 +5,10 @@
 
 Takes fit's arguments (configs, overrides) plus `--gpu_memory_gib` and `--json`, loads no weights (the model is
 built on the meta device from its config.json) and prints the predicted peak GPU memory, how many decoder layers
-`gradient_checkpointing: auto` would checkpoint, whether the run fits, and tokens/s and LIMA epoch-time estimates
-for the GPUs measured in benchmarks/RESULTS.md. Without `--gpu_memory_gib` the budget is this machine's GPU; on a
-machine without one, the plan is shown for 24, 40, 80 and 141 GiB cards. How the prediction is made, and how
+`gradient_checkpointing: auto` would checkpoint, whether the run fits, and tokens/s, LIMA epoch-time and
+whole-fit (command to adapter) estimates for the GPUs measured in benchmarks/RESULTS.md. Without
+`--gpu_memory_gib` the budget is this machine's GPU; on a machine without one, the plan is shown for 24, 40, 80
+and 141 GiB cards. How the prediction is made, and how
 close it came to measured peaks: `lima_lightning/planning.py` and benchmarks/RESULTS.md.
 """
 
@@ -93,7 +94,15 @@ def budgets(requested: float | None) -> list[float]:
     return [gib * GIB for gib in COMMON_CARDS_GIB]
 
 
-def describe(plan, data) -> list[str]:
+def planned_epochs(trainer) -> int | None:
+    """The epochs the fit would run, or None where it stops on a step count (or runs without an epoch limit)."""
+    max_steps, max_epochs = getattr(trainer, "max_steps", -1), getattr(trainer, "max_epochs", None)
+    if max_steps not in (None, -1) or not max_epochs or max_epochs < 0:
+        return None
+    return int(max_epochs)
+
+
+def describe(plan, data, epochs: int | None) -> list[str]:
     from lima_lightning.planning import largest_fitting_tokens, speed_estimates
 
     e, result = plan.estimate, plan.as_dict()
@@ -108,9 +117,12 @@ def describe(plan, data) -> list[str]:
         fitting = largest_fitting_tokens(plan, data.max_seq_length)
         fix = f"--data.max_tokens_per_batch {fitting} (with every layer checkpointed)" if fitting else "a smaller --data.max_seq_length"
         lines.append(f"  to fit: {fix}, or configs/llama2-7b-qlora-lowmem.yaml (one 2048-token row per micro-batch, ~6 GiB for 7B)")
-    for speed in speed_estimates(plan) if e.fits else []:
+    for speed in speed_estimates(plan, epochs) if e.fits else []:
         if speed["tokens_per_s"]:
-            lines.append(f"  on an {speed['gpu']} (measured): ~{speed['tokens_per_s']:,} tokens/s, a LIMA epoch in ~{speed['epoch_s']} s")
+            line = f"  on an {speed['gpu']} (measured): ~{speed['tokens_per_s']:,} tokens/s, a LIMA epoch in ~{speed['epoch_s']} s"
+            if epochs:  # the whole fit, with the fixed costs measured on that GPU
+                line += f"; {epochs} epoch{'s' if epochs > 1 else ''} ~{speed['fit_s']} s from the command"
+            lines.append(line)
         else:
             lines.append(f"  on an {speed['gpu']}: no measured speed for this setting")
     return lines
@@ -118,17 +130,19 @@ def describe(plan, data) -> list[str]:
 
 def main(argv: list[str]) -> None:
     from lima_lightning.cli import parse_fit_config
-    from lima_lightning.planning import plan_training
+    from lima_lightning.planning import plan_training, speed_estimates
 
     args, fit_args = parse_args(argv)
     config = parse_fit_config(fit_args)
     model_options, data = config.model, config.data
     shape = model_config(model_options.base_model, model_options.trust_remote_code)
     plans = [plan_training(shape, model_options, data, budget) for budget in budgets(args.gpu_memory_gib)]
+    epochs = planned_epochs(config.trainer)
     if args.json:
         if len(plans) > 1:
             raise UserError("--json: no GPU here to plan for; pass --gpu_memory_gib, e.g. --gpu_memory_gib 24")
-        print(json.dumps(plans[0].as_dict()))
+        speeds = speed_estimates(plans[0], epochs) if plans[0].estimate.fits else []
+        print(json.dumps({**plans[0].as_dict(), "epochs": epochs, "estimates": speeds}))
         return
     trainable = plans[0].settings["lora_parameters"] / 1e6
     base = "NF4" if model_options.quantization == "nf4" else "bf16"
@@ -137,4 +151,4 @@ def main(argv: list[str]) -> None:
         f"LoRA r={model_options.lora_r} ({trainable:.0f}M trainable), data.batching={data.batching}"
     )
     for plan in plans:
-        print("\n".join(describe(plan, data)))
+        print("\n".join(describe(plan, data, epochs)))
