@@ -91,5 +91,47 @@ def test_predict_shows_prompts_and_tokens_as_they_are_generated(tmp_path, capsys
         GenerationProgress.tokens = original
     rows = [json.loads(line) for line in (Path(predict.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
     assert sum(counts) == sum(r["new_tokens"] for r in rows)  # every generated token counted once, EOS included
-    err = capsys.readouterr().err
-    assert f"{len(rows)}/{len(rows)}" in err and f"{sum(counts):,} tokens" in err and "prompt" in err
+    out = capsys.readouterr().out  # not a terminal here: plain lines, the last one at the end
+    assert f"generate: {len(rows)}/{len(rows)} prompts, {sum(counts):,} tokens" in out and "\r" not in out
+
+
+class _Trainer:
+    """What GenerationProgress reads of a Trainer."""
+
+    is_global_zero, enable_progress_bar, progress_bar_callback = True, True, None
+
+    def __init__(self, prompts: int) -> None:
+        self.datamodule = type("DataModule", (), {"predict_dataset": [None] * prompts})()
+
+
+def test_generation_progress_in_a_log_file_is_a_plain_line_every_few_seconds(monkeypatch, capsys):
+    from lima_lightning import progress
+
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    bar = progress.GenerationProgress()
+    module = type("Module", (), {})()
+    bar.on_predict_start(_Trainer(300), module)
+    assert module.generation_progress is bar and bar.bar is None  # stdout is not a terminal under pytest
+    for _ in range(120):  # 60 s of decoding, 8 steps of 300 rows every half second
+        clock[0] += 0.5
+        bar.tokens(2400)
+    bar.prompts(150)
+    bar.prompts(150)  # all answered: the last line, once
+    bar.on_predict_end(None, module)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 60 // progress.PLAIN_LINE_EVERY_S + 1 and module.generation_progress is None
+    assert lines[0] == "generate: 0/300 prompts, 72,000 tokens, 4,800 tokens/s"
+    assert lines[-1] == "generate: 300/300 prompts, 288,000 tokens, 4,800 tokens/s"
+
+
+def test_generation_progress_on_a_terminal_is_a_bar(monkeypatch, capsys):
+    from lima_lightning import progress
+
+    monkeypatch.setattr(progress.sys.stdout, "isatty", lambda: True)
+    bar = progress.GenerationProgress()
+    module = type("Module", (), {})()
+    bar.on_predict_start(_Trainer(2), module)
+    bar.tokens(5)
+    bar.prompts(2)
+    assert bar.bar is not None and bar.bar.n == 2 and bar.closed
