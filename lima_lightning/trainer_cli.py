@@ -40,7 +40,7 @@ from lima_lightning.errors import UserError
 from lima_lightning.memory import request_budget
 from lima_lightning.module import LIMALoRAModule
 from lima_lightning.phases import PHASES, PhaseReport
-from lima_lightning.progress import GenerationProgress
+from lima_lightning.progress import GenerationProgress, LogLineProgressBar
 
 SUBCOMMANDS = tuple(name for name, (target, _) in COMMANDS.items() if target == LIGHTNING)
 # The callbacks that are always on, each configured under its own key.
@@ -238,6 +238,8 @@ def quiet_trainer(trainer, keep: list = ()) -> None:
             continue
         if type(callback) in (ModelSummary, RichModelSummary):
             trainer.callbacks[i] = ParameterSummary()
+        elif type(callback) in QUIET_BARS and not sys.stdout.isatty():
+            trainer.callbacks[i] = LogLineProgressBar()  # a log file: plain lines as it goes, not one bar at the end
         elif type(callback) in QUIET_BARS:
             # The default bar with its settings (theme, refresh rate), and `get_metrics` without `v_num`.
             callback.__class__ = QUIET_BARS[type(callback)]

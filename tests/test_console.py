@@ -31,7 +31,7 @@ NOISE = {
     "the TPU line": r"TPU available",
     "LightningCLI's args warning": r"LightningCLI's args parameter",
     "an internal step": r"to estimate number of stepping batches",
-    "a progress bar in a log": r"Loading weights:.*\d+%\|",
+    "a progress bar in a log": r"Loading weights:.*\d+%\||━",
     "any Python warning": r"\b\w*Warning\b|warnings\.warn\(",
     "a traceback": r"Traceback",
 }
@@ -67,6 +67,9 @@ def test_demo_fit_prints_no_known_noise_and_keeps_what_is_useful(demo_fit):
     assert re.search(r"^train: 57 examples from 57 conversations, 0 truncated to 256 tokens", text, re.M)
     assert re.search(r"^val: 3 examples", text, re.M) and "Seed set to 42" in text and "GPU available: False, used: False" in text
     assert re.search(r"^model: 18\d K parameters, 38.9 K trainable \(21%, the LoRA adapter\); weights 731 KB \(float32 base\)$", text, re.M)
+    # Progress as plain lines (the output is not a terminal): each validation, each epoch's end.
+    assert re.search(r"^validation: val/loss \d+\.\d{3}, val/perplexity \d+\.\d{3}$", text, re.M)
+    assert re.search(r"^epoch 1/1, step 4/4 \(100%\), \d+:\d\d elapsed, ~0:00 left, loss \d+\.\d{3}, [\d,]+ tokens/s$", text, re.M)
 
 
 @pytest.mark.slow
@@ -169,11 +172,12 @@ def test_every_trainer_subcommand_chooses_the_precision(monkeypatch, capsys):
     assert chosen == ["high"]
 
 
-def test_progress_bar_metrics_leave_out_v_num():
+def test_progress_bar_metrics_leave_out_v_num(monkeypatch):
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
     from lima_lightning.trainer_cli import quiet_trainer
 
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: Lightning's bars stay
     trainer = SimpleNamespace(callbacks=[RichProgressBar(), TQDMProgressBar(refresh_rate=7)])
     quiet_trainer(trainer)
     for bar in trainer.callbacks:
