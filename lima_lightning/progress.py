@@ -36,6 +36,7 @@ class LogLineProgressBar(ProgressBar):
         super().__init__()
         self.enabled = True
         self.started = self.last_line = 0.0
+        self.first_step = 0  # a resumed run starts past 0: its time left comes from this process's steps
 
     def disable(self) -> None:
         self.enabled = False
@@ -61,8 +62,9 @@ class LogLineProgressBar(ProgressBar):
         elapsed = now - self.started
         if total and total != float("inf"):
             where += f"/{int(total)} ({100 * step / total:.0f}%)"
-            if step:
-                where += f", {clock(elapsed)} elapsed, ~{clock(elapsed * (total - step) / step)} left"
+            if step > self.first_step:
+                left = elapsed * (total - step) / (step - self.first_step)
+                where += f", {clock(elapsed)} elapsed, ~{clock(left)} left"
         speed = trainer.callback_metrics.get("train/tokens_per_sec")
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if not k.startswith(("val/", "test/"))}
         parts = [where, shown_metrics(metrics)] + ([f"{float(speed):,.0f} tokens/s"] if speed is not None else [])
@@ -70,6 +72,7 @@ class LogLineProgressBar(ProgressBar):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.started = self.last_line = time.perf_counter()
+        self.first_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if time.perf_counter() - self.last_line >= PLAIN_LINE_EVERY_S:

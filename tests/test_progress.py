@@ -75,6 +75,12 @@ def test_a_fit_in_a_log_file_prints_a_line_every_few_seconds_and_each_validation
     bar.disable()
     bar.on_train_epoch_end(trainer, None)
     assert capsys.readouterr().out == ""
+    bar.enable()
+    clock[0], trainer.global_step = 1000.0, 100  # resumed at step 100: the time left from this process's steps
+    bar.on_train_start(trainer, None)
+    clock[0], trainer.global_step = 1010.0, 105
+    bar.on_train_epoch_end(trainer, None)
+    assert "step 105/125 (84%), 0:10 elapsed, ~0:40 left" in capsys.readouterr().out
 
 
 def test_the_default_bar_gives_way_to_lines_where_stdout_is_not_a_terminal(monkeypatch):
