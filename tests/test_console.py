@@ -31,7 +31,7 @@ NOISE = {
     "the TPU line": r"TPU available",
     "LightningCLI's args warning": r"LightningCLI's args parameter",
     "an internal step": r"to estimate number of stepping batches",
-    "a progress bar in a log": r"Loading weights:.*\d+%\||━",
+    "a progress bar in a log": r"Loading weights:.*\d+%\||━+ +\d+/\d+",
     "any Python warning": r"\b\w*Warning\b|warnings\.warn\(",
     "a traceback": r"Traceback",
 }
