@@ -8,8 +8,8 @@ built on the meta device from its config.json) and prints the predicted peak GPU
 `gradient_checkpointing: auto` would checkpoint, whether the run fits, and tokens/s, LIMA epoch-time and
 whole-fit (command to adapter) estimates for the GPUs measured in benchmarks/RESULTS.md. Without
 `--gpu_memory_gib` the budget is this machine's GPU; on a machine without one, the plan is shown for 24, 40, 80
-and 141 GiB cards. How the prediction is made, and how
-close it came to measured peaks: `lima_lightning/planning.py` and benchmarks/RESULTS.md.
+and 141 GiB cards. How the prediction is made, and how close it came to measured peaks and run times:
+`lima_lightning/planning.py` and benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
