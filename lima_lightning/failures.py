@@ -305,11 +305,10 @@ def remove_unused_run_dir(trainer) -> Path | None:
     run = Path(logger.log_dir)
     if getattr(trainer, "lima_resumed_run", False) or not unused_run_dir(run):
         return None
+    # Only the run's own dir: `lightning_logs` stays even when empty, since a run starting beside this one in the same
+    # root may be creating its version dir in it right now (removing it then crashed that run: os.makedirs saw
+    # the parent, then found it gone).
     shutil.rmtree(run, ignore_errors=True)
-    try:
-        run.parent.rmdir()  # lightning_logs, if this was its only run
-    except OSError:
-        pass
     return run
 
 

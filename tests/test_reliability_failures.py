@@ -334,3 +334,20 @@ def test_only_a_run_dir_without_anything_of_value_counts_as_unused(tmp_path):
         other.mkdir()
         (other / kept).mkdir() if "." not in kept else (other / kept).write_text("{}\n")
         assert not unused_run_dir(other), kept
+
+
+def test_a_failed_runs_tidy_up_leaves_lightning_logs_to_a_run_starting_beside_it(tmp_path):
+    """Two runs started together in one root: the one that fails early removes its own version dir only. Removing an
+    emptied `lightning_logs` as well crashed the other run with a traceback when it was creating its version dir."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lima_lightning.failures import remove_unused_run_dir
+
+    logger = TensorBoardLogger(str(tmp_path), version=0)
+    SummaryWriter(logger.log_dir).close()  # the failed run's dir: an events file, nothing of value
+    trainer = SimpleNamespace(loggers=[logger], is_global_zero=True)
+    assert remove_unused_run_dir(trainer) == tmp_path / "lightning_logs" / "version_0"
+    assert (tmp_path / "lightning_logs").is_dir() and not any((tmp_path / "lightning_logs").iterdir())
