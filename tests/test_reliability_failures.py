@@ -64,12 +64,20 @@ def test_hub_out_of_reach_is_one_line_within_seconds(tmp_path, tiny_dir, fresh_h
     cache, the default base model or dataset: one line naming the cause, the cache, a local path and HF_HUB_OFFLINE,
     in seconds (the hub client alone retried for ~53 s), exit status 1."""
     cache = {"HF_HOME": str(tmp_path / "hf-home")}
-    fit = ["fit", *demo_args(tmp_path / "runs", "--model.base_model", HUB_MODEL)]
+
+    def fit(root: str) -> list[str]:  # the two fits run at once, each in its own root (a shared root: the tidy-up test below)
+        return ["fit", *demo_args(tmp_path / root, "--model.base_model", HUB_MODEL)]
+
     refused = {"HF_ENDPOINT": "http://127.0.0.1:9"}
     cases = {
         # name: (args, env, exit status, what the line says after "lima-lightning: error: ")
-        "refused": (fit, refused, 1, f"model.base_model={HUB_MODEL}: the hub (http://127.0.0.1:9) is unreachable ("),
-        "offline": (fit, {"HF_HUB_OFFLINE": "1"}, 1, f"model.base_model={HUB_MODEL}: HF_HUB_OFFLINE=1 is set, and the model is not in"),
+        "refused": (fit("refused"), refused, 1, f"model.base_model={HUB_MODEL}: the hub (http://127.0.0.1:9) is unreachable ("),
+        "offline": (
+            fit("offline"),
+            {"HF_HUB_OFFLINE": "1"},
+            1,
+            f"model.base_model={HUB_MODEL}: HF_HUB_OFFLINE=1 is set, and the model is not in",
+        ),
         "stats": (["stats"], refused, 1, "--dataset=GAIR/lima: the hub (http://127.0.0.1:9) is unreachable"),
     }
     if fresh_hub_probe._probe("https://huggingface.co", 3.0) is not None:  # this machine has no network: the real thing too
