@@ -181,8 +181,10 @@ def fit_seconds(epoch_s: float, epochs: int, compiled: bool) -> int:
 
 def speed_estimates(plan: TrainingPlan, epochs: int | None = None) -> list[dict]:
     """Tokens/s and LIMA epoch time on each GPU measured, interpolated in time per token between 0 and all layers;
-    with `epochs`, also the whole fit's time from the command (`fit_s`)."""
+    with `epochs`, also the whole fit's time from the command (`fit_s`). Empty for a plan that does not fit."""
     e, rows = plan.estimate, []
+    if not e.fits:
+        return rows
     key = (plan.settings["quantization"], plan.settings["compile"])
     for gpu, table in MEASURED_TOKENS_PER_SECOND.items():
         none, every = table.get(key, (None, None))

@@ -96,10 +96,9 @@ def budgets(requested: float | None) -> list[float]:
 
 def planned_epochs(trainer) -> int | None:
     """The epochs the fit would run, or None where it stops on a step count (or runs without an epoch limit)."""
-    max_steps, max_epochs = getattr(trainer, "max_steps", -1), getattr(trainer, "max_epochs", None)
-    if max_steps not in (None, -1) or not max_epochs or max_epochs < 0:
+    if trainer.max_steps not in (None, -1) or not trainer.max_epochs or trainer.max_epochs < 0:
         return None
-    return int(max_epochs)
+    return int(trainer.max_epochs)
 
 
 def describe(plan, data, epochs: int | None) -> list[str]:
@@ -117,7 +116,7 @@ def describe(plan, data, epochs: int | None) -> list[str]:
         fitting = largest_fitting_tokens(plan, data.max_seq_length)
         fix = f"--data.max_tokens_per_batch {fitting} (with every layer checkpointed)" if fitting else "a smaller --data.max_seq_length"
         lines.append(f"  to fit: {fix}, or configs/llama2-7b-qlora-lowmem.yaml (one 2048-token row per micro-batch, ~6 GiB for 7B)")
-    for speed in speed_estimates(plan, epochs) if e.fits else []:
+    for speed in speed_estimates(plan, epochs):
         if speed["tokens_per_s"]:
             line = f"  on an {speed['gpu']} (measured): ~{speed['tokens_per_s']:,} tokens/s, a LIMA epoch in ~{speed['epoch_s']} s"
             if epochs:  # the whole fit, with the fixed costs measured on that GPU
@@ -141,8 +140,7 @@ def main(argv: list[str]) -> None:
     if args.json:
         if len(plans) > 1:
             raise UserError("--json: no GPU here to plan for; pass --gpu_memory_gib, e.g. --gpu_memory_gib 24")
-        speeds = speed_estimates(plans[0], epochs) if plans[0].estimate.fits else []
-        print(json.dumps({**plans[0].as_dict(), "epochs": epochs, "estimates": speeds}))
+        print(json.dumps({**plans[0].as_dict(), "epochs": epochs, "estimates": speed_estimates(plans[0], epochs)}))
         return
     trainable = plans[0].settings["lora_parameters"] / 1e6
     base = "NF4" if model_options.quantization == "nf4" else "bf16"
