@@ -27,6 +27,7 @@ def settings_of(row, ran: dict) -> dict:
             "optimizer": "adamw",
             "lora_dtype": "float32",
             "loss_chunk_size": 0,
+            "offloaded_layers": 0,
         }
     return {
         "path": "ours",
@@ -35,6 +36,7 @@ def settings_of(row, ran: dict) -> dict:
         "checkpointing": ran["gradient_checkpointing"],
         "attn": ran["attn_implementation"],
         **{k: ran[k] for k in ("compile", "optimizer", "lora_dtype", "loss_chunk_size")},
+        "offloaded_layers": ran.get("offloaded_layers", 0),
     }
 
 
@@ -99,6 +101,7 @@ def result_line(r: dict) -> str:
         r["optimizer"] if r["optimizer"] != "adamw" else "",
         "bf16 LoRA" if r["lora_dtype"] == "bfloat16" else "",
         f"loss chunk {r['loss_chunk_size']}" if r["loss_chunk_size"] else "",
+        f"{r['offloaded_layers']} layer inputs on host" if r.get("offloaded_layers") else "",
         f"**{r['graphs_compiled_while_timed']} graphs compiled while timed**" if r.get("graphs_compiled_while_timed") else "",
     ]
     versus = ""

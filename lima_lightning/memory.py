@@ -189,7 +189,7 @@ def estimate_memory(module, device: torch.device, max_tokens: int) -> MemoryEsti
     with torch.random.fork_rng(devices=[device]):
         set_gradient_checkpointing(base, False)
         fixed, per_token = probe_activation_memory(step, device)
-        set_gradient_checkpointing(base, True)
+        set_gradient_checkpointing(base, True, offload=module.hparams.offload_checkpoints)
         _, checkpointed_per_token = probe_activation_memory(step, device)
         set_gradient_checkpointing(base, False)
     model.train(was_training)

@@ -38,6 +38,7 @@ class LIMALoRAModule(L.LightningModule):
         lora_dropout: float = 0.05,
         target_modules: list[str] = LLAMA_PROJECTIONS,
         gradient_checkpointing: bool | Literal["auto"] = True,
+        offload_checkpoints: bool = False,
         attn_implementation: Literal["sdpa", "flex_attention", "eager"] = "sdpa",
         compile: bool = False,
         lora_dtype: Literal["float32", "bfloat16"] = "float32",
@@ -68,6 +69,10 @@ class LIMALoRAModule(L.LightningModule):
                 (GPU): measure this model's activation memory with short probe steps and checkpoint the fewest
                 decoder layers that let the largest micro-batch fit `--gpu_memory_gib` (`lima-lightning plan`
                 predicts the choice); off on CPU.
+            offload_checkpoints: Checkpointed decoder layers keep their input in pinned host memory until backward
+                instead of on the GPU: 2 bytes x hidden per token per layer, 0.5 GiB for a 2048-token row of
+                Llama-2-7B, at the cost of one copy each way per layer. `auto` plans with it. CUDA only (off on
+                CPU); the same loss and gradients.
             attn_implementation: Training attention kernel. `sdpa`: PyTorch's fused kernels (causal flash for
                 unpacked rows). `flex_attention` (CUDA only, compiles a kernel at the first step): skips the
                 blocks a packed row masks out. `eager`: plain matmuls, for debugging.

@@ -139,8 +139,9 @@ def shape_estimate(model_config, model_options, max_tokens: int, budget_bytes: f
     estimate = MemoryEstimate(
         fixed_bytes=weights + 2 * lora * lora_dtype_bytes + head_chunk,  # weights, adapters and their gradients
         bytes_per_token=layers * per_layer + head,
-        # Every layer's input, and then whichever is larger: the loss's logits, or one layer recomputed in backward.
-        checkpointed_bytes_per_token=layers * 2 * hidden + max(per_layer, head),
+        # Every layer's input (in host memory when offloaded), and then whichever is larger: the loss's logits, or
+        # one layer recomputed in backward.
+        checkpointed_bytes_per_token=(0 if model_options.offload_checkpoints else layers * 2 * hidden) + max(per_layer, head),
         num_layers=layers,
         optimizer_bytes=optimizer_bytes(lora, lora_dtype_bytes, model_options.optimizer),
         max_tokens=max_tokens,
@@ -161,7 +162,12 @@ def plan_training(model_config, model_options, data, budget_bytes: float) -> Tra
         k = estimate.checkpointed_layers
         activations = estimate.peak_bytes(k) - estimate.fixed_bytes - estimate.optimizer_bytes
         compiled = estimate.fixed_bytes + estimate.optimizer_bytes + COMPILED_ACTIVATIONS * activations
-    settings = {"quantization": model_options.quantization, "compile": bool(model_options.compile), "lora_parameters": lora}
+    settings = {
+        "quantization": model_options.quantization,
+        "compile": bool(model_options.compile),
+        "offload_checkpoints": bool(model_options.offload_checkpoints),
+        "lora_parameters": lora,
+    }
     return TrainingPlan(estimate, compiled, settings)
 
 

@@ -37,8 +37,10 @@ def knobs(setup) -> dict:
     row, model, data = setup.row, setup.model, setup.data
     if row.plain:
         return {"method": setup.method, "plain batching": row.plain, "plain checkpointing": row.checkpointing}
-    keys = ("gradient_checkpointing", "attn_implementation", "compile", "lora_dtype", "optimizer", "loss_chunk_size")
-    return {"method ours": setup.method, "batching": data["batching"], **{k: str(model[k]) for k in keys}}
+    keys = ("gradient_checkpointing", "offload_checkpoints", "attn_implementation", "compile", "lora_dtype", "optimizer")
+    # The loss's code path is chunked or not; the chunk's size is a number in it.
+    chunked = {"loss chunked": model["loss_chunk_size"] > 0}
+    return {"method ours": setup.method, "batching": data["batching"], **{k: str(model[k]) for k in keys}, **chunked}
 
 
 @pytest.fixture(scope="module")

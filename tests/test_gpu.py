@@ -154,3 +154,43 @@ def test_our_decoding_loop_gives_the_tokens_of_generate_on_cuda(tiny_dir, tiny_t
             if kind == "stopping":  # EOS reached, so the finished rows' padding is compared too
                 assert (expected == eos).any(1).any(), expected
     assert len(graphed) == 4 and all(not g.failed and g.replays > 0 for g in graphed), [(g.failed, g.replays) for g in graphed]
+
+
+def test_offloaded_checkpoints_free_each_layers_input_on_the_gpu():
+    """`model.offload_checkpoints`: with every layer checkpointed, the step's peak drops by the layer inputs that wait
+    in host memory (all but the one in use), and the loss and the LoRA gradients stay bit-identical."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lima_lightning.models.loading import add_lora
+    from lima_lightning.models.speed import offloaded_layer_count, set_gradient_checkpointing
+
+    config = LlamaConfig(
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, vocab_size=1000
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    model = add_lora(base, 8, 16, 0.0, ["q_proj", "v_proj", "down_proj"]).train()
+    randomize_lora_b(model, std=0.05)
+    ids = torch.randint(0, config.vocab_size, (2, 2048), device="cuda")
+
+    def step(offload: bool):
+        set_gradient_checkpointing(base, True, offload=offload)
+        assert offloaded_layer_count(base) == (config.num_hidden_layers if offload else 0)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, torch.cuda.max_memory_allocated() - before
+
+    step(False)  # cuBLAS workspaces and the allocator's first segments, outside the comparison
+    loss, grads, on_gpu = step(False)
+    offloaded_loss, offloaded_grads, offloaded = step(True)
+    layer_input = ids.numel() * config.hidden_size * 2  # bf16 hidden states
+    print(f"peak above the model: {on_gpu / 2**20:.1f} MiB checkpointed, {offloaded / 2**20:.1f} MiB offloaded")
+    assert on_gpu - offloaded >= (config.num_hidden_layers - 1) * layer_input, (on_gpu, offloaded, layer_input)
+    assert torch.equal(offloaded_loss, loss)
+    assert all(torch.equal(offloaded_grads[n], g) for n, g in grads.items())

@@ -187,6 +187,58 @@ def test_compiled_layers_under_gradient_checkpointing_give_the_same_gradients(ex
     assert_grads_close({n: p.grad for n, p in module.named_parameters() if p.requires_grad}, eager)
 
 
+def record_offloaded_tensors(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes that `save_on_cpu` sends to host memory, in order (it is the real one, only watched)."""
+    sent = []
+
+    class Watched(torch.autograd.graph.save_on_cpu):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pack = self.pack_hook
+            self.pack_hook = lambda tensor: sent.append(tuple(tensor.shape)) or pack(tensor)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Watched)
+    return sent
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_offloaded_checkpoints_send_only_each_layers_input_to_the_host_and_keep_the_gradients(examples, monkeypatch, compiled):  # noqa: F811
+    module = make_module()
+    batch = collate_rows([examples[:4], examples[4:]], 0)
+    nll, eager = eager_loss_and_gradients(module, batch)
+    sent = record_offloaded_tensors(monkeypatch)
+    base = module.model.get_base_model()
+    set_gradient_checkpointing(base, 1, offload=True)  # the first layer checkpointed and offloaded, the second as it was
+    if compiled:
+        compile_decoder_layers(base, backend="aot_eager")
+    offloaded, _ = module.masked_nll(batch)
+    offloaded.backward()
+    hidden = base.config.hidden_size
+    # The checkpoint's input, the hidden states of the 2 rows, and nothing of the layer's inside.
+    assert sent == [(*batch["input_ids"].shape, hidden)]
+    torch.testing.assert_close(offloaded, nll, rtol=1e-5, atol=1e-5)
+    assert_grads_close({n: p.grad for n, p in module.named_parameters() if p.requires_grad}, eager)
+    set_gradient_checkpointing(base, True, offload=True)  # again, all layers: each wrapped once, not twice
+    sent.clear()
+    module.zero_grad(set_to_none=True)
+    module.masked_nll(batch)[0].backward()
+    assert sent == [(*batch["input_ids"].shape, hidden)] * len(layers(module))
+    assert_grads_close({n: p.grad for n, p in module.named_parameters() if p.requires_grad}, eager)
+
+
+def test_offloading_is_off_on_cpu_and_reported_on_cuda(examples, monkeypatch):  # noqa: F811
+    from lima_lightning.models.speed import offloaded_layer_count
+
+    module = make_module(gradient_checkpointing=True, offload_checkpoints=True)
+    report = configure_for_training(module, torch.device("cpu"), 1024)
+    assert report["checkpointed_layers"] == len(layers(module)) and report["offloaded_layers"] == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CUDA-only state is never touched here
+    set_gradient_checkpointing(module.model.get_base_model(), True, offload=True)
+    assert offloaded_layer_count(module.model.get_base_model()) == len(layers(module))
+    set_gradient_checkpointing(module.model.get_base_model(), False, offload=True)
+    assert offloaded_layer_count(module.model.get_base_model()) == 0
+
+
 def test_fit_with_the_speed_knobs_through_the_cli(tmp_path):
     cli = run_cli(
         "fit",

@@ -106,10 +106,11 @@ def describe(plan, data, epochs: int | None) -> list[str]:
 
     e, result = plan.estimate, plan.as_dict()
     needed = e.predicted_peak_bytes * e.MARGIN + e.SLACK_BYTES  # what `auto` demands of the budget
+    offloaded = " (their inputs in host memory)" if plan.settings["offload_checkpoints"] and e.checkpointed_layers else ""
     compiled = f" with compiled layers ({result['uncompiled_peak_gib']:.1f} GiB uncompiled)" if plan.settings["compile"] else ""
     lines = [
         f"on a {e.budget_bytes / GIB:.0f} GiB budget, micro-batches of up to {e.max_tokens} tokens: checkpointing "
-        f"{e.checkpointed_layers} of {e.num_layers} decoder layers, predicted peak {result['peak_gib']:.1f} GiB{compiled}: "
+        f"{e.checkpointed_layers} of {e.num_layers} decoder layers{offloaded}, predicted peak {result['peak_gib']:.1f} GiB{compiled}: "
         + ("fits" if e.fits else f"does NOT fit (with the run's headroom it needs {needed / GIB:.1f} GiB)")
     ]
     if not e.fits:

@@ -6,14 +6,17 @@ model can be trained under several settings (the benchmark does that). It sets, 
 1. the attention kernel (`sdpa`, or `flex_attention` on CUDA: it skips the blocks that packed rows mask out),
 2. the adapter dtype (bf16 adapters halve adapter, gradient and AdamW-state memory; fp32 is the default),
 3. gradient checkpointing: on, off, or `auto`: as many decoder layers as the largest micro-batch the data module
-   will produce needs to fit the memory budget, measured on this GPU (see `lima_lightning.memory`),
+   will produce needs to fit the memory budget, measured on this GPU (see `lima_lightning.memory`); with
+   `offload_checkpoints` the checkpointed layers' inputs wait in host memory,
 4. torch.compile of each decoder layer (regional compilation: every layer after the first, whose input
    needs no gradient, shares one compiled graph).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -39,11 +42,12 @@ def cast_adapters(model: torch.nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def set_gradient_checkpointing(model, layers: bool | int) -> None:
+def set_gradient_checkpointing(model, layers: bool | int, offload: bool = False) -> None:
     """Non-reentrant checkpointing of the first `layers` decoder layers (True: all, False or 0: none).
 
     Non-reentrant needs no input gradients, so the embeddings stay frozen. Each checkpointed layer keeps only its
-    input for backward and recomputes the rest; the others keep their activations and skip the recompute.
+    input for backward and recomputes the rest; the others keep their activations and skip the recompute. With
+    `offload`, that input waits in pinned host memory (`inputs_on_host`).
     """
     # The gradient_* names exist in every transformers we support; newer ones alias them (with a FutureWarning)
     # to activation_checkpointing_*.
@@ -57,6 +61,36 @@ def set_gradient_checkpointing(model, layers: bool | int) -> None:
     count = len(decoder_layers) if layers is True else int(layers)
     for index, layer in enumerate(decoder_layers):
         layer.gradient_checkpointing = bool(layers) and index < count
+        if layer.gradient_checkpointing and offload:  # enable() has just set a fresh function: wrapped once
+            layer._gradient_checkpointing_func = inputs_on_host(layer._gradient_checkpointing_func)
+
+
+def inputs_on_host(checkpoint: Callable) -> Callable:
+    """`checkpoint` with the layer input it keeps for backward held in pinned host memory instead of on the GPU.
+
+    A non-reentrant checkpoint saves its inputs (the hidden states, 2 bytes x hidden per token: 16 MiB per layer
+    for a 2048-token row of Llama-2-7B) through autograd's saved-tensor hooks before it installs its own for the
+    layer's inside, so `save_on_cpu` here moves exactly those inputs: a non-blocking copy out in forward and back
+    before the layer is recomputed in backward. The recompute, its gradients and every other layer are unchanged.
+    """
+
+    @functools.wraps(checkpoint)
+    def checkpoint_with_input_on_host(function, *args, **kwargs):
+        with torch.autograd.graph.save_on_cpu(pin_memory=True):
+            return checkpoint(function, *args, **kwargs)
+
+    checkpoint_with_input_on_host.offloads_input = True
+    return checkpoint_with_input_on_host
+
+
+def offloaded_layer_count(model) -> int:
+    """Decoder layers whose checkpointed input waits in host memory."""
+    layers = model.get_decoder().layers
+    return sum(getattr(layer, "gradient_checkpointing", False) and _offloads(layer) for layer in layers)
+
+
+def _offloads(layer) -> bool:
+    return getattr(getattr(layer, "_gradient_checkpointing_func", None), "offloads_input", False)
 
 
 def checkpointed_layer_count(model) -> int:
@@ -92,9 +126,12 @@ def configure_for_training(module, device: torch.device, max_tokens: int | None,
     if checkpointing == "auto":
         checkpointing, estimate, reason = decide_checkpointing(module, device, max_tokens)
         rank_zero_info(f"model.gradient_checkpointing={reason}")
-    set_gradient_checkpointing(base, checkpointing)
+    offload = hp.offload_checkpoints and device.type == "cuda"
+    if hp.offload_checkpoints and not offload:
+        rank_zero_info("model.offload_checkpoints=true: off on CPU, where there is no GPU memory to free")
+    set_gradient_checkpointing(base, checkpointing, offload)
     layers = checkpointed_layer_count(base)
-    report.update(gradient_checkpointing=layers > 0, checkpointed_layers=layers)
+    report.update(gradient_checkpointing=layers > 0, checkpointed_layers=layers, offloaded_layers=offloaded_layer_count(base))
     report["memory_estimate"] = estimate.as_dict() if estimate else None
     if hp.compile:
         compile_decoder_layers(base, compile_backend)
