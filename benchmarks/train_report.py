@@ -153,9 +153,9 @@ def profile_lines(results: list[dict]) -> list[str]:
         kernels = "; ".join(f"{k} {ms:.1f}" for k, ms in p["top_kernels_ms"][:5])
         cpu = "; ".join(f"{k} {ms:.1f} (x{n})" for k, ms, n in p["top_cpu_ops_ms"][:6])
         lines.append(
-            f"- {r['config']}: {p['wall_ms_per_step']:.0f} ms/step, kernels {p['kernel_ms_per_step']:.0f} ms{busy}, "
-            f"{p['kernels_per_step']:.0f} kernels/step, CPU ops {p['cpu_op_ms_per_step']:.0f} ms; syncs/step: {syncs}; "
-            f"top kernels (ms/step): {kernels or '-'}; top CPU ops (ms/step): {cpu}"
+            f"- {r['config']}: {p['wall_ms_per_step']:.0f} ms/micro-batch, kernels {p['kernel_ms_per_step']:.0f} ms{busy}, "
+            f"{p['kernels_per_step']:.0f} kernels/micro-batch, CPU ops {p['cpu_op_ms_per_step']:.0f} ms; syncs/micro-batch: {syncs}; "
+            f"top kernels (ms/micro-batch): {kernels or '-'}; top CPU ops (ms/micro-batch): {cpu}"
         )
     return lines
 

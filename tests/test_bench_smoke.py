@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import REPO
@@ -179,3 +180,19 @@ def test_deadline_stops_a_configuration_that_overruns():
         time.sleep(5)
     with deadline(0):  # no limit
         time.sleep(0.01)
+
+
+def test_the_timed_window_holds_whole_optimizer_steps():
+    """With gradient accumulation the window starts and ends at optimizer steps, so it counts the optimizer's share
+    (8-bit AdamW's step is over half a micro-batch's time for 7B) as often as the run takes it."""
+    from measure import TimedWindow
+
+    window = TimedWindow(warmup=2, target_tokens=300, profile_steps=0, device=torch.device("cpu"), accumulation=4)
+    ends = []
+    for step in range(20):
+        window.begin_step(step)
+        if window.end_step(step, 100, 100, [100]):
+            ends.append(step)
+            break
+    # Warmup rounded up to one whole optimizer step (4 micro-batches); 300 tokens reached at step 6, closed at 7.
+    assert window.warmup == 4 and ends == [7] and window.batches == 4 and window.tokens == 400
