@@ -209,7 +209,9 @@ def fitting_settings(module, datamodule) -> list[str]:
             suggestions.append(f"--data.max_seq_length {floor // 2} --data.max_tokens_per_batch {max(floor // 2, current // 2)}")
     if hp.loss_chunk_size == 0:
         suggestions.append("--model.loss_chunk_size 1024")
-    suggestions.append(f"--config {LOWMEM_CONFIG} (5.6 GiB peak for 7B)")
+    if all_checkpointed and not hp.offload_checkpoints:  # the checkpointed layers' inputs, out to host memory
+        suggestions.append("--model.offload_checkpoints true")
+    suggestions.append(f"--config {LOWMEM_CONFIG} (5.2 GiB peak for 7B)")
     return suggestions
 
 

@@ -125,7 +125,11 @@ def test_profile_steps_report_where_the_time_goes(smoke, tmp_path):
         assert (row["timed_batches"], row["timed_tokens"]) == (plain_row["timed_batches"], plain_row["timed_tokens"])
         profile = row["profile"]
         # Whole optimizer steps: configs/llama2-7b-lora.yaml accumulates 2 micro-batches, the plain loop none.
-        assert profile["steps"] == (2 if row["path"] == "plain" else 4) and profile["wall_ms_per_step"] > 0 and profile["cpu_op_ms_per_step"] > 0
+        assert (
+            profile["steps"] == (2 if row["path"] == "plain" else 4)
+            and profile["wall_ms_per_step"] > 0
+            and profile["cpu_op_ms_per_step"] > 0
+        )
         assert profile["kernels_per_step"] == 0 and profile["gpu_busy"] is None  # CPU: no kernels to time
         assert profile["top_cpu_ops_ms"] and all(ms >= 0 for _, ms, _ in profile["top_cpu_ops_ms"])
     assert "where a step's time goes" in (tmp_path / "b.md").read_text()

@@ -211,7 +211,7 @@ def test_cuda_oom_in_a_step_is_one_line_with_the_plan_the_fix_and_the_last_good_
         "lima-lightning: error: CUDA out of memory at step 3 (epoch 0): tried to allocate 2.00 GiB, 1.06 GiB free of 23.53 GiB, "
         "21.80 GiB allocated by PyTorch; planned peak 23.0 GiB for the largest 8192-token micro-batch of 23.5 GiB available; "
         "settings that lower it: --model.gradient_checkpointing true, --data.max_tokens_per_batch 512, --model.loss_chunk_size 1024, "
-        f"--config configs/llama2-7b-qlora-lowmem.yaml (5.6 GiB peak for 7B); the last good adapter (after step 3) is in {adapter}"
+        f"--config configs/llama2-7b-qlora-lowmem.yaml (5.2 GiB peak for 7B); the last good adapter (after step 3) is in {adapter}"
     )
     saved = load_file(adapter / "adapter_model.safetensors")
     assert saved.keys() == weights_before_oom.keys()
@@ -239,7 +239,7 @@ def test_cuda_oom_inside_the_optimizer_update_saves_no_adapter_and_points_at_the
     assert exit_info.value.code == 1
     run = tmp_path / "lightning_logs" / "version_0"
     assert last_err_line(capsys).endswith(
-        f"--config configs/llama2-7b-qlora-lowmem.yaml (5.6 GiB peak for 7B); it ran out inside the optimizer update of step 4, "
+        f"--config configs/llama2-7b-qlora-lowmem.yaml (5.2 GiB peak for 7B); it ran out inside the optimizer update of step 4, "
         f"so no adapter was saved; {run / 'checkpoints' / 'last.ckpt'} resumes"
     )
     assert not (run / "adapters" / "last-good").exists()
@@ -253,10 +253,14 @@ def test_oom_settings_follow_the_run(tiny_dir):
     from lima_lightning.failures import fitting_settings
 
     module = SimpleNamespace(
-        hparams=SimpleNamespace(gradient_checkpointing=True, loss_chunk_size=512), speed_settings={"gradient_checkpointing": True}
+        hparams=SimpleNamespace(gradient_checkpointing=True, loss_chunk_size=512, offload_checkpoints=False),
+        speed_settings={"gradient_checkpointing": True},
     )
     padded = SimpleNamespace(hparams={"batching": "padded", "batch_size": 4})
-    assert fitting_settings(module, padded) == ["--data.batch_size 2", "--config configs/llama2-7b-qlora-lowmem.yaml (5.6 GiB peak for 7B)"]
+    lowmem = "--config configs/llama2-7b-qlora-lowmem.yaml (5.2 GiB peak for 7B)"
+    assert fitting_settings(module, padded) == ["--data.batch_size 2", "--model.offload_checkpoints true", lowmem]
+    module.hparams.offload_checkpoints = True  # already offloaded: not suggested again
+    assert fitting_settings(module, padded) == ["--data.batch_size 2", lowmem]
     packed = SimpleNamespace(hparams={"batching": "packed", "max_tokens_per_batch": 2048, "max_seq_length": 2048})
     assert fitting_settings(module, packed)[0] == "--data.max_seq_length 1024 --data.max_tokens_per_batch 1024"
 

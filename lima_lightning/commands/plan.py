@@ -116,7 +116,7 @@ def describe(plan, data, epochs: int | None) -> list[str]:
     if not e.fits:
         fitting = largest_fitting_tokens(plan, data.max_seq_length)
         fix = f"--data.max_tokens_per_batch {fitting} (with every layer checkpointed)" if fitting else "a smaller --data.max_seq_length"
-        lines.append(f"  to fit: {fix}, or configs/llama2-7b-qlora-lowmem.yaml (one 2048-token row per micro-batch, ~6 GiB for 7B)")
+        lines.append(f"  to fit: {fix}, or configs/llama2-7b-qlora-lowmem.yaml (one 2048-token row per micro-batch, ~5.2 GiB for 7B)")
     for speed in speed_estimates(plan, epochs):
         if speed["tokens_per_s"]:
             line = f"  on an {speed['gpu']} (measured): ~{speed['tokens_per_s']:,} tokens/s, a LIMA epoch in ~{speed['epoch_s']} s"
