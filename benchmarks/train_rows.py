@@ -52,14 +52,14 @@ ROWS = [
     Row("qlora-plain-2048x1", QLORA, plain="rows", batch_size=1, checkpointing=True, essential=True, expected_s=12),
     Row("qlora-fast", QLORA, EAGER, reference="qlora-plain", goal="speed>=6", essential=True),
     # The memory mode uncompiled: each step is bound by Python and kernel launches (the GPU is busy ~1/3 of it).
-    Row("qlora-lowmem-grouped", LOWMEM, (*EAGER, *GROUPED), reference="qlora-plain-2048x1", goal=LOWMEM_GOAL, expected_s=20),
-    Row("qlora-lowmem-eager", LOWMEM, EAGER, reference="qlora-plain-2048x1", goal=LOWMEM_GOAL, expected_s=20),
+    Row("qlora-lowmem-grouped", LOWMEM, (*EAGER, *GROUPED), reference=LOWMEM_REFERENCE, goal=LOWMEM_GOAL, expected_s=20),
+    Row("qlora-lowmem-eager", LOWMEM, EAGER, reference=LOWMEM_REFERENCE, goal=LOWMEM_GOAL, expected_s=20),
     Row("qlora-packed", QLORA, (*EAGER, *PACKED), reference="qlora-plain", essential=True),
     Row("qlora-fast-gc", QLORA, (*EAGER, *CHECKPOINTED), reference="qlora-plain", expected_s=15),
     Row("qlora-padded-ours", QLORA, (*EAGER, *PADDED, *CHECKPOINTED), reference="qlora-plain", expected_s=16),
     Row("qlora-packed-flex", QLORA, (*EAGER, *PACKED, *FLEX), reference="qlora-plain", expected_s=60, warmup=3),
     Row("qlora-fast-compile", QLORA, reference="qlora-plain", goal="speed>=6", essential=True, expected_s=120, warmup=4),
-    Row("qlora-lowmem", LOWMEM, reference="qlora-plain-2048x1", goal=LOWMEM_GOAL, essential=True, expected_s=120, warmup=4),
+    Row("qlora-lowmem", LOWMEM, reference=LOWMEM_REFERENCE, goal=LOWMEM_GOAL, essential=True, expected_s=120, warmup=4),
     # The same compiled layers: the layer inputs kept on the GPU; two rows per micro-batch; a smaller loss chunk.
     Row("qlora-lowmem-on-gpu", LOWMEM, ON_GPU, reference=LOWMEM_REFERENCE, goal=LOWMEM_GOAL, expected_s=25),
     Row("qlora-lowmem-2rows", LOWMEM, ("--data.max_tokens_per_batch", "4096"), reference=LOWMEM_REFERENCE, expected_s=40, warmup=3),
