@@ -196,3 +196,27 @@ def test_offloaded_checkpoints_free_each_layers_input_on_the_gpu():
     assert on_gpu - offloaded >= config.num_hidden_layers / 2 * layer_input, (on_gpu, offloaded, layer_input)
     assert torch.equal(offloaded_loss, loss)
     assert all(torch.equal(offloaded_grads[n], g) for n, g in grads.items())
+
+
+def test_offloaded_tensors_go_out_and_back_without_waiting_for_the_gpu():
+    """`SavedOnHost` queues both copies: under CUDA's sync debug mode "error" a copy that waited for the GPU would
+    raise (torch 2.11's `save_on_cpu(pin_memory=True)` does, once per tensor), and the gradient is the one computed
+    with the tensor kept on the GPU."""
+    from lima_lightning.models.speed import SavedOnHost
+
+    weight = torch.randn(4096, 4096, device="cuda", requires_grad=True)
+    x = torch.randn(2048, 4096, device="cuda")
+
+    def grad(offload: bool) -> torch.Tensor:
+        weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with SavedOnHost() if offload else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                y = torch.tanh(x @ weight)  # saves x, weight and tanh's output for backward
+            (y * y).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return weight.grad.clone()
+
+    assert torch.equal(grad(True), grad(False))

@@ -188,16 +188,11 @@ def test_compiled_layers_under_gradient_checkpointing_give_the_same_gradients(ex
 
 
 def record_offloaded_tensors(monkeypatch) -> list[tuple[int, ...]]:
-    """The shapes that `save_on_cpu` sends to host memory, in order (it is the real one, only watched)."""
-    sent = []
+    """The shapes that `SavedOnHost` sends to host memory, in order (its own pack hook runs, only watched)."""
+    from lima_lightning.models.speed import SavedOnHost
 
-    class Watched(torch.autograd.graph.save_on_cpu):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            pack = self.pack_hook
-            self.pack_hook = lambda tensor: sent.append(tuple(tensor.shape)) or pack(tensor)
-
-    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Watched)
+    sent, pack = [], SavedOnHost.pack
+    monkeypatch.setattr(SavedOnHost, "pack", staticmethod(lambda tensor: sent.append(tuple(tensor.shape)) or pack(tensor)))
     return sent
 
 
