@@ -76,7 +76,7 @@ def test_token_budget_and_row_capacity_are_respected(mode):
         for batch in sampler.epoch_batches(epoch):
             tensors = collate_rows([[examples[i] for i in row] for row in batch], pad_id=0)
             rows, width = tensors["input_ids"].shape
-            assert rows * width <= 2048 and width <= 512
+            assert rows * width <= 2048 and width <= 512  # widths as collated, rounded up to a multiple of 8
             biggest = max(biggest, rows * width)
     # `max_batch_tokens` (what gradient_checkpointing=auto plans memory for) bounds every batch.
     assert biggest <= sampler.max_batch_tokens <= 2048
@@ -162,10 +162,11 @@ def test_collate_rows_restarts_positions_and_copies_the_labels():
     batch = collate_rows([[a, b], [c]], pad_id=0)
     X = IGNORE_INDEX
     assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens"}
-    assert batch["input_ids"].tolist() == [[1, 10, 11, 1, 20], [1, 30, 31, 32, 0]]
-    assert batch["labels"].tolist() == [[X, 10, 11, X, 20], [X, X, 31, 32, X]]
-    # Restarts mark each conversation; the padding tail continues the last one, so row 2 is plain 0..4.
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
+    # Width 5 rounded up to 8 (`collate.WIDTH_MULTIPLE`): padding trained on nowhere.
+    assert batch["input_ids"].tolist() == [[1, 10, 11, 1, 20, 0, 0, 0], [1, 30, 31, 32, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[X, 10, 11, X, 20, X, X, X], [X, X, 31, 32, X, X, X, X]]
+    # Restarts mark each conversation; the padding tail continues the last one, so row 2 is plain 0..7.
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]]
     assert batch["num_tokens"] == 9
     assert collate_rows([[a], [c]], pad_id=0)["num_tokens"] == 7
 

@@ -70,9 +70,10 @@ def test_truncation_keeps_labels_aligned_and_counts(tiny_tokenizer):
 
 def test_padding_for_training_and_generation():
     batch = padded_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    # Right padding to a width of 8 (`collate.WIDTH_MULTIPLE`), trained on nowhere.
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7] + [-100] * 5, [8] + [-100] * 7]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]]
     gen = pad_for_generation([{"id": 0, "prompt": "a", "input_ids": [5, 6]}, {"id": 1, "prompt": "b", "input_ids": [7]}], pad_id=0)
     assert gen["input_ids"].tolist() == [[5, 6], [0, 7]]
     assert gen["attention_mask"].tolist() == [[1, 1], [0, 1]]

@@ -6,9 +6,19 @@ import torch
 
 from lima_lightning.data.tokenization import IGNORE_INDEX
 
+# Batch widths are rounded up to a multiple of this. Compiled layers specialize on whether the sequence length is
+# a multiple of 8 (Inductor's alignment guard on the GPU), so a run whose widths are sometimes aligned and
+# sometimes not compiles each layer graph twice, ~20 s more (S13-1); it costs at most 7 padding tokens a row.
+WIDTH_MULTIPLE = 8
+
+
+def batch_width(longest: int) -> int:
+    """The width of a batch whose longest row holds `longest` tokens."""
+    return -(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+
 
 def collate_rows(rows: list[list[dict]], pad_id: int) -> dict:
-    """(R, T) `input_ids`, `labels`, `position_ids` for rows of examples, right-padded to the longest row.
+    """(R, T) `input_ids`, `labels`, `position_ids` for rows of examples, right-padded to `batch_width` of the longest.
 
     Every training micro-batch, whatever `data.batching`, comes from here: a padded row is a row holding one
     example, a packed row holds several. Positions restart at 0 for every example, and a row's padding tail
@@ -23,12 +33,12 @@ def collate_rows(rows: list[list[dict]], pad_id: int) -> dict:
     >>> b = {"input_ids": [1, 7], "labels": [-100, 7]}
     >>> batch = collate_rows([[a, b], [b]], pad_id=0)
     >>> batch["input_ids"].tolist(), batch["position_ids"].tolist(), batch["num_tokens"]
-    ([[1, 5, 6, 1, 7], [1, 7, 0, 0, 0]], [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]], 7)
+    ([[1, 5, 6, 1, 7, 0, 0, 0], [1, 7, 0, 0, 0, 0, 0, 0]], [[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]], 7)
     >>> batch["labels"].tolist()
-    [[-100, 6, 2, -100, 7], [-100, 7, -100, -100, -100]]
+    [[-100, 6, 2, -100, 7, -100, -100, -100], [-100, 7, -100, -100, -100, -100, -100, -100]]
     """
     widths = [sum(len(e["input_ids"]) for e in row) for row in rows]
-    width = max(widths)
+    width = batch_width(max(widths))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.empty((len(rows), width), dtype=torch.long)

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from lima_lightning.data.collate import batch_width
 from lima_lightning.data.tokenization import without_targets
 from lima_lightning.errors import UserError
 
@@ -59,13 +60,14 @@ def _longest_first(lengths: Sequence[int], seed: int) -> list[int]:
 
 
 def length_grouped_batches(lengths: Sequence[int], max_tokens: int, seed: int) -> list[Batch]:
-    """Batches of one-conversation rows, longest first, each holding as many as fit rows x longest <= max_tokens."""
+    """Batches of one-conversation rows, longest first, each holding as many as fit rows x width <= max_tokens (the
+    width as collated: the longest rounded up by `batch_width`)."""
     if max(lengths) > max_tokens:
         raise ValueError(f"an example of {max(lengths)} tokens exceeds max_tokens={max_tokens}")
     batches: list[Batch] = []
     for i in _longest_first(lengths, seed):
         # Sorted longest first, so a batch's first row sets its width.
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0][0]] <= max_tokens:
+        if batches and (len(batches[-1]) + 1) * batch_width(lengths[batches[-1][0][0]]) <= max_tokens:
             batches[-1].append([i])
         else:
             batches.append([[i]])
@@ -226,13 +228,13 @@ class MicroBatchSampler(DistributedSampler):
 
     @property
     def max_batch_tokens(self) -> int:
-        """Largest rows x width of any batch in any epoch (packed: the longest row times rows per batch)."""
+        """Largest rows x width of any batch in any epoch (packed: the longest row times rows per batch), as collated."""
         if self.batching == "padded":
-            return min(self.batch_size, len(self.lengths)) * max(self.lengths)
+            return min(self.batch_size, len(self.lengths)) * batch_width(max(self.lengths))
         if self.batching == "length_grouped":
-            return max(len(batch) * self.lengths[batch[0][0]] for batch in self.plan)
+            return max(len(batch) * batch_width(self.lengths[batch[0][0]]) for batch in self.plan)
         longest_row = max(sum(self.lengths[i] for i in row) for row in self.plan)
-        return min(self.rows_per_batch, len(self.plan)) * longest_row
+        return min(self.rows_per_batch, len(self.plan)) * batch_width(longest_row)
 
 
 def train_position(trainer) -> dict[str, int]:
