@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except subprocess.TimeoutExpired as e:
             output, status = f"{e.stdout or ''}{e.stderr or ''}\nstopped after {args.timeout} s", -9
         wall = time.perf_counter() - started
+        # The command's whole output beside the JSON, for what the summary leaves out (e.g. TORCH_LOGS=recompiles).
+        Path(args.out).with_name(f"{root.name}.log").write_text(output)
         if run.startswith("plain-"):
             row = summarize_plain(run, budget, root, output, wall, status)
         else:

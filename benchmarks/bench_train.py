@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="model directory from make_random_llama.py (with the tokenizer); `tiny` with --smoke")
     parser.add_argument("--lima", help="LIMA train.jsonl (default ../shared/lima/train.jsonl; synthetic data with --smoke if absent)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
-    parser.add_argument("--configs", help=f"comma-separated subset of: {', '.join(r.name for r in ROWS)}")
+    parser.add_argument("--configs", help=f"comma-separated subset, run in this order, of: {', '.join(r.name for r in ROWS)}")
     parser.add_argument("--out", help="write the results here: X.json gets JSON and X.md the table")
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny model, 128-token cap, 100-token windows: checks the code paths")
     parser.add_argument("--timed-tokens", type=int, help="real tokens timed per configuration (default 32,000; 100 with --smoke)")
@@ -256,7 +256,8 @@ def run(args, argv: list[str] | None) -> dict:
 
     args.model = resolve_base_model(args.model) if args.model == "tiny" else args.model
     common = common_overrides(args)
-    setups = parse_rows([r for r in ROWS if r.name in args.wanted], common, args.max_seq_length)
+    rows = {r.name: r for r in ROWS}
+    setups = parse_rows([rows[name] for name in args.wanted], common, args.max_seq_length)  # in the order asked for
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     examples = load_examples(args, tokenizer)
     total_tokens = sum(len(e["input_ids"]) for e in examples)

@@ -90,29 +90,41 @@ class TimedWindow:
     """The timed part of a run: `warmup` steps first, then steps until `target_tokens` real tokens trained,
     then (--profile-steps) `profile_steps` more under torch.profiler. The plain loop and our Trainer callback
     both drive one: `begin_step(i)` before step i, `end_step(i, tokens, cells, lengths)` after it; `end_step`
-    returns True when the run should stop."""
+    returns True when the run should stop.
 
-    def __init__(self, warmup: int, target_tokens: int, profile_steps: int, device: torch.device, accumulation: int = 1) -> None:
+    The warmup goes on, by whole optimizer steps and at most `settle_steps` of them, while the last one still
+    compiled a graph: compiled layers meet new graph variants in the first batches of each kind (an attention mask
+    or none; S13-1), and which row met them first used to decide which row paid for them while timed (S13-3)."""
+
+    def __init__(
+        self, warmup: int, target_tokens: int, profile_steps: int, device: torch.device, accumulation: int = 1, settle_steps: int = 4
+    ) -> None:
         # With gradient accumulation a step here is a micro-batch: the window starts and ends at optimizer steps,
         # so it holds whole ones and the optimizer's share of the time (256 ms a step for 8-bit AdamW on 7B r=64).
         self.accumulation = accumulation
         self.warmup = -(-warmup // accumulation) * accumulation
+        self.last_start = self.warmup + settle_steps * accumulation
         self.target_tokens, self.device = target_tokens, device
         self.tokens = self.cells = self.batches = self.graphs = 0
+        self.graphs_at_step: int | None = None  # graphs compiled so far, at the last optimizer-step boundary
         self.lengths: list[int] = []
-        self.start = self.seconds = None
+        self.start = self.seconds = self.started_at_step = None
         self.profile = StepProfile(profile_steps * accumulation, device)
 
     def begin_step(self, step: int) -> None:
-        if step == self.warmup:
+        if self.start is not None or step % self.accumulation:
+            return
+        graphs, last = compiled_graphs(), self.graphs_at_step
+        self.graphs_at_step = graphs
+        if step >= self.warmup and (graphs == last or step >= self.last_start):
             sync(self.device)
-            self.start = time.perf_counter()
-            self.graphs = compiled_graphs()
+            self.start, self.started_at_step = time.perf_counter(), step
+            self.graphs = graphs
 
     def end_step(self, step: int, tokens: int, cells: int, lengths: list[int]) -> bool:
         if self.profile.active:
             return self.profile.step_done()
-        if step < self.warmup or self.seconds is not None:
+        if self.start is None or self.seconds is not None:
             return False
         self.tokens, self.cells, self.batches = self.tokens + tokens, self.cells + cells, self.batches + 1
         self.lengths += lengths
@@ -125,6 +137,8 @@ class TimedWindow:
         return False
 
     def close(self) -> None:
+        if self.start is None:
+            raise RuntimeError(f"the data ran out during the warmup ({self.last_start} micro-batches at most): use more of it")
         sync(self.device)
         self.seconds = time.perf_counter() - self.start
         self.graphs = compiled_graphs() - self.graphs
@@ -140,6 +154,7 @@ class TimedWindow:
             "lengths": self.lengths,
             "batches": self.batches,
             "graphs_compiled_while_timed": self.graphs,  # > 0: a recompile polluted the timing
+            "warmup_steps": self.started_at_step,
             "profile": self.profile.finish(),
         }
 

@@ -201,3 +201,29 @@ def test_the_timed_window_holds_whole_optimizer_steps():
             break
     # Warmup rounded up to one whole optimizer step (4 micro-batches); 300 tokens reached at step 6, closed at 7.
     assert window.warmup == 4 and ends == [7] and window.batches == 4 and window.tokens == 400
+
+
+def test_the_timed_window_waits_for_an_optimizer_step_that_compiles_nothing(monkeypatch):
+    """Compiled rows meet new graph variants in their first batches of each kind: the warmup goes on while the last
+    optimizer step compiled a graph, up to `settle_steps` more steps, so no row pays for a compile while timed."""
+    import measure
+
+    compiles_before = {0: 0, 2: 1, 4: 2, 6: 3, 8: 3, 10: 3}  # graphs compiled before each optimizer step (of 2 micro-batches)
+    step_now = {"step": 0}
+    monkeypatch.setattr(measure, "compiled_graphs", lambda: compiles_before.get(step_now["step"], 3))
+
+    def timed(settle_steps: int) -> tuple[int, int]:
+        cpu = torch.device("cpu")
+        window = measure.TimedWindow(warmup=2, target_tokens=200, profile_steps=0, device=cpu, accumulation=2, settle_steps=settle_steps)
+        for step in range(20):
+            step_now["step"] = step
+            window.begin_step(step)
+            if window.end_step(step, 100, 100, [100]):
+                break
+        result = window.result()
+        return result["warmup_steps"], result["graphs_compiled_while_timed"]
+
+    # Steps 0-5 each compiled a graph, 6-7 none: the window opens at step 8, with nothing compiled inside it.
+    assert timed(settle_steps=4) == (8, 0)
+    # Allowed one extra optimizer step only, it opens at step 4 anyway, and says that a graph was compiled in it.
+    assert timed(settle_steps=1) == (4, 1)
