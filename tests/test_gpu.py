@@ -158,7 +158,8 @@ def test_our_decoding_loop_gives_the_tokens_of_generate_on_cuda(tiny_dir, tiny_t
 
 def test_offloaded_checkpoints_free_each_layers_input_on_the_gpu():
     """`model.offload_checkpoints`: with every layer checkpointed, the step's peak drops by the layer inputs that wait
-    in host memory (all but the one in use), and the loss and the LoRA gradients stay bit-identical."""
+    in host memory (all but the one in use), the loss stays bit-identical and the LoRA gradients within what the same
+    step gives twice on the GPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lima_lightning.models.loading import add_lora
@@ -188,6 +189,7 @@ def test_offloaded_checkpoints_free_each_layers_input_on_the_gpu():
 
     step(False)  # cuBLAS workspaces and the allocator's first segments, outside the comparison
     loss, grads, on_gpu = step(False)
+    _, again, _ = step(False)
     offloaded_loss, offloaded_grads, offloaded = step(True)
     layer_input = ids.numel() * config.hidden_size * 2  # bf16 hidden states
     print(f"peak above the model: {on_gpu / 2**20:.1f} MiB checkpointed, {offloaded / 2**20:.1f} MiB offloaded")
@@ -195,7 +197,11 @@ def test_offloaded_checkpoints_free_each_layers_input_on_the_gpu():
     # on an H200 it dropped by 3.7 of the 6 inputs (and by 0.37 of the 0.5 GiB for Llama-2-7B at 2048 tokens).
     assert on_gpu - offloaded >= config.num_hidden_layers / 2 * layer_input, (on_gpu, offloaded, layer_input)
     assert torch.equal(offloaded_loss, loss)
-    assert all(torch.equal(offloaded_grads[n], g) for n, g in grads.items())
+    # The same step twice on the GPU may differ where a backward kernel accumulates with atomics; the offloaded
+    # step may differ from it by no more than that (bit-identical where the kernels are deterministic).
+    noise = max((again[n] - g).abs().max().item() for n, g in grads.items())
+    worst = max((offloaded_grads[n] - g).abs().max().item() for n, g in grads.items())
+    assert worst <= 2 * noise, (worst, noise)
 
 
 def test_offloaded_tensors_go_out_and_back_without_waiting_for_the_gpu():
