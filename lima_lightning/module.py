@@ -71,9 +71,9 @@ class LIMALoRAModule(L.LightningModule):
                 predicts the choice); off on CPU.
             offload_checkpoints: Checkpointed decoder layers keep their input in pinned host memory until backward
                 instead of on the GPU: 2 bytes x hidden per token per layer, 0.5 GiB for a 2048-token row of
-                Llama-2-7B, for one copy each way per layer; measured slower (the memory mode on an H200: 4,105
-                against 6,171 tokens/s, benchmarks/RESULTS.md "Memory mode"). `auto` plans with it. CUDA only
-                (off on CPU); the same loss and gradients.
+                Llama-2-7B, for one queued copy each way per layer. Its speed cost on an H200 is not settled
+                (benchmarks/RESULTS.md "Memory mode": 2-7 ms of a 36-44 ms step on 4 layers alone, more in the
+                full model's bench row). `auto` plans with it. CUDA only (off on CPU); the same loss and gradients.
             attn_implementation: Training attention kernel. `sdpa`: PyTorch's fused kernels (causal flash for
                 unpacked rows). `flex_attention` (CUDA only, compiles a kernel at the first step): skips the
                 blocks a packed row masks out. `eager`: plain matmuls, for debugging.
