@@ -21,6 +21,7 @@ from lima_lightning.loss import head_nll_sum, masked_nll_sum, scale_grads
 from lima_lightning.memory import apply_budget
 from lima_lightning.metrics import StepTally, check_finite, train_metrics
 from lima_lightning.models.loading import LLAMA_PROJECTIONS
+from lima_lightning.models.speed import configure_for_training, packed_rows_mask
 from lima_lightning.optim import OptimizerName, SchedulerName, build_optimizer, build_scheduler
 from lima_lightning.phases import PHASES
 
@@ -134,8 +135,6 @@ class LIMALoRAModule(L.LightningModule):
             add_residual_dropout(self.model, self.hparams.residual_dropout)
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # Attention kernel, adapter dtype, gradient checkpointing (auto: measured), compile; idempotent.
-            from lima_lightning.models.speed import configure_for_training
-
             datamodule = getattr(self.trainer, "datamodule", None)
             max_tokens = getattr(datamodule, "max_batch_tokens", None)
             self.speed_settings = configure_for_training(self, self.trainer.strategy.root_device, max_tokens, self.compile_backend)
@@ -206,10 +205,11 @@ class LIMALoRAModule(L.LightningModule):
     # ----------------------------------------------------------------------------- loss
     def masked_nll(self, batch: dict, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of NLL over trained tokens, their count), per row with `per_row`: the only place a loss is computed."""
-        # No attention mask: rows are right-padded or packed, and use_cache=False, without which transformers
-        # would not read packed rows' position restarts (see data/collate.py).
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        # No padding mask: rows are right-padded or packed, and transformers builds the causal mask from the position
+        # restarts (see data/collate.py), which it reads only with use_cache=False.
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        mask = packed_rows_mask(base, batch)  # None but for packed rows under compiled layers: one graph, not two
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": mask, "use_cache": False}
         if base.config.model_type not in HEAD_ONLY_MODEL_TYPES:
             return masked_nll_sum(self.model(**inputs).logits, batch["labels"], per_row)
         # Logits are a plain linear map of the last hidden state here, so the head runs at trained positions only.

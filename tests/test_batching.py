@@ -161,7 +161,7 @@ def test_collate_rows_restarts_positions_and_copies_the_labels():
     c = {"input_ids": [1, 30, 31, 32], "labels": [IGNORE_INDEX, IGNORE_INDEX, 31, 32]}
     batch = collate_rows([[a, b], [c]], pad_id=0)
     X = IGNORE_INDEX
-    assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens", "packed"} and batch["packed"] is False
     # Width 5 rounded up to 8 (`collate.WIDTH_MULTIPLE`): padding trained on nowhere.
     assert batch["input_ids"].tolist() == [[1, 10, 11, 1, 20, 0, 0, 0], [1, 30, 31, 32, 0, 0, 0, 0]]
     assert batch["labels"].tolist() == [[X, 10, 11, X, 20, X, X, X], [X, X, 31, 32, X, X, X, X]]
@@ -325,6 +325,8 @@ def test_data_module_loader_trains_every_token_once_per_epoch(tiny_dir, mode):
         assert sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches) == dm.stats["train"].trained_tokens
         assert sum(b["num_tokens"] for b in batches) == dm.stats["train"].tokens
         assert max(b["input_ids"].numel() for b in batches) <= dm.max_batch_tokens <= 512
+        assert {b["packed"] for b in batches} == {mode == "packed"}  # compiled layers then get a mask every batch
+    assert not any(b["packed"] for b in dm.val_dataloader())  # validation rows hold one conversation each
 
 
 def test_token_budget_below_the_sequence_cap_is_refused():

@@ -226,3 +226,39 @@ def test_offloaded_tensors_go_out_and_back_without_waiting_for_the_gpu():
         return weight.grad.clone()
 
     assert torch.equal(grad(True), grad(False))
+
+
+def test_compiled_layers_compile_one_graph_for_every_packed_batch():
+    """Inductor on CUDA guards on whether the width is a multiple of 8 (S13-1 recompiled for it), and dynamo on
+    whether a mask comes (transformers gives none for a packed row of one conversation): batches collated to
+    `collate.WIDTH_MULTIPLE` and `packed_rows_mask` leave one graph for rows of any width and any count of
+    conversations, forward and backward."""
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lima_lightning.data.collate import collate_rows
+    from lima_lightning.models.loading import add_lora
+    from lima_lightning.models.speed import compile_decoder_layers
+    from lima_lightning.module import LIMALoRAModule
+
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=1000
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    model = add_lora(base, 8, 16, 0.0, ["q_proj", "v_proj"]).train()
+    module = LIMALoRAModule.around(model, None, base_model="tiny", quantization="none", lora_r=8, lora_alpha=16, lora_dropout=0.0)
+
+    def example(n: int) -> dict:
+        ids = torch.randint(3, config.vocab_size, (n,)).tolist()
+        return {"input_ids": [1, *ids], "labels": [-100, *ids]}
+
+    lengths = [[301], [90, 120, 77], [413], [57, 33], [250, 199], [130]]  # rows of one and of several conversations
+    batches = [collate_rows([[example(n) for n in row]], 0, packed=True) for row in lengths]
+    compile_decoder_layers(base, "inductor")
+    before = counters["stats"]["unique_graphs"]
+    for batch in batches:
+        batch = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        nll, _ = module.masked_nll(batch)
+        nll.backward()
+    assert counters["stats"]["unique_graphs"] - before == 1

@@ -17,7 +17,7 @@ def batch_width(longest: int) -> int:
     return -(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
 
 
-def collate_rows(rows: list[list[dict]], pad_id: int) -> dict:
+def collate_rows(rows: list[list[dict]], pad_id: int, packed: bool = False) -> dict:
     """(R, T) `input_ids`, `labels`, `position_ids` for rows of examples, right-padded to `batch_width` of the longest.
 
     Every training micro-batch, whatever `data.batching`, comes from here: a padded row is a row holding one
@@ -27,7 +27,9 @@ def collate_rows(rows: list[list[dict]], pad_id: int) -> dict:
     `position_ids` and builds a causal mask that is block-diagonal per conversation, and under causal attention
     no real token can see the right padding after it. Labels are copied as tokenization wrote them (each
     example's first label, its BOS, is already ignored, so a packed row never predicts across examples).
-    `num_tokens` (a Python int: counting needs no GPU sync) is the number of real tokens.
+    `num_tokens` (a Python int: counting needs no GPU sync) is the number of real tokens. `packed` says the rows
+    come from `data.batching: packed`, where a row may hold one conversation or several (see
+    `models.speed.packed_rows_mask`).
 
     >>> a = {"input_ids": [1, 5, 6], "labels": [-100, 6, 2]}
     >>> b = {"input_ids": [1, 7], "labels": [-100, 7]}
@@ -52,7 +54,7 @@ def collate_rows(rows: list[list[dict]], pad_id: int) -> dict:
             at += n
         last = len(row[-1]["input_ids"])
         position_ids[r, at:] = torch.arange(last, last + width - at)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "num_tokens": sum(widths)}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "num_tokens": sum(widths), "packed": packed}
 
 
 def pad_for_generation(examples: list[dict], pad_id: int) -> dict:

@@ -173,7 +173,7 @@ class LIMADataModule(L.LightningDataModule):
             ExampleRows(examples),
             sampler=sampler,
             batch_size=None,
-            collate_fn=partial(collate_rows, pad_id=self.tokenizer.pad_token_id),
+            collate_fn=partial(collate_rows, pad_id=self.tokenizer.pad_token_id, packed=sampler.batching == "packed"),
             num_workers=self.hparams.num_workers,
         )
 

@@ -142,6 +142,32 @@ def compile_decoder_layers(model, backend: str = "inductor") -> None:
             layer._lima_compiled = True
 
 
+def layers_compiled(model) -> bool:
+    return any(getattr(layer, "_lima_compiled", False) for layer in model.get_decoder().layers)
+
+
+def packed_rows_mask(model, batch: dict) -> torch.Tensor | None:
+    """The attention mask transformers would build from a packed batch's `position_ids`, where it would build none.
+
+    With sdpa, transformers passes no mask for a batch whose rows show no position restart (a packed row that
+    holds one conversation: plain causal attention) and a block-diagonal one otherwise. Compiled layers see that
+    as two different inputs and compile a second graph (~19 s on the H200, S13-1's `TORCH_LOGS=recompiles`); about
+    20% of LIMA's packed rows hold one conversation. Built here with `allow_is_causal_skip=False`, every packed batch
+    brings a mask, which the model uses as given: the same attention, one graph. Its cost: those rows attend through
+    the masked kernel instead of the causal one. None (transformers decides) for unpacked batches, whose rows never
+    need a mask, uncompiled layers, and the other attention kernels, which always get one.
+    """
+    if not (batch.get("packed") and model.config._attn_implementation == "sdpa" and layers_compiled(model)):
+        return None
+    from transformers.masking_utils import create_causal_mask
+
+    # Only the shape, dtype and device of the embeddings are read.
+    position_ids = batch["position_ids"]
+    dtype = model.get_input_embeddings().weight.dtype
+    shape_only = torch.empty((*position_ids.shape, 0), dtype=dtype, device=position_ids.device)
+    return create_causal_mask(model.config, shape_only, None, None, position_ids, allow_is_causal_skip=False)
+
+
 def configure_for_training(module, device: torch.device, max_tokens: int | None, compile_backend: str = "inductor") -> dict:
     """Apply the module's speed settings to `module.model` (see the module docstring); returns what was chosen."""
     from lima_lightning.memory import decide_checkpointing
